@@ -1,0 +1,33 @@
+# Quick start: `make demo` runs the offline demo, `make test` runs the suite.
+# Both create (or refresh, when pyproject.toml changes) the virtual
+# environment in .venv; a second run installs nothing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.flatjax-installed
+
+.PHONY: demo test lint bench results clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/flatjax demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check flatjax tests experiments
+
+test: lint
+	$(PY) -m pytest -q -n 2 --durations=15
+
+bench: $(STAMP)
+	$(PY) -m experiments.benchmarks.run
+
+results: $(STAMP)
+	$(PY) -m experiments.study
+
+clean:
+	rm -rf $(VENV) runs
