@@ -12,11 +12,45 @@ with an underscore are private.
 __version__ = "0.1.0"
 
 # --- coupling schedules (issue 3/4) ---
+from flatjax._schedules import cosine_coupling, exponential_coupling, linear_coupling
 
 # --- Entropy-SGD (issue 3) ---
+from flatjax._entropy_sgd import (
+    EntropySGDState,
+    entropy_sgd,
+    entropy_sgd_anchor,
+    entropy_sgd_coupling,
+    entropy_sgd_stepwise,
+    scale_by_entropy_sgd,
+)
 
 # --- Replicated-SGD (issue 4) ---
+from flatjax._replicate import (
+    ReplicateState,
+    average_batch_stats,
+    balanced_coupling,
+    init_replicas,
+    recompute_batch_stats,
+    replica_center,
+    replica_map,
+    replicate,
+    replicate_coupling,
+)
 
 # --- flatness measures (issue 5) ---
+from flatjax._flatness import (
+    HessianEigen,
+    HessianTrace,
+    LocalEnergy,
+    LocalEntropy,
+    dataset_loss,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    hvp,
+    local_energy,
+    local_energy_fn,
+    local_entropy,
+    sam_sharpness,
+)
 
 # --- multi-device / multi-host (issue 10) ---

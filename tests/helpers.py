@@ -75,3 +75,16 @@ def tiny_mlp_problem(seed: int = 0, n: int = 256, dim: int = 8, hidden: int = 16
         return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
 
     return model, params, jnp.asarray(x), jnp.asarray(y), loss_fn
+
+
+class TinyBNMLP(nn.Module):
+    """TinyMLP with a BatchNorm after the hidden layer (running stats in ``batch_stats``)."""
+
+    hidden: int = 16
+    num_classes: int = 2
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(self.hidden)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(self.num_classes)(nn.relu(x))

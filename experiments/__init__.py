@@ -1,0 +1,1 @@
+"""Experiments: configs, benchmarks and studies built on flatjax."""

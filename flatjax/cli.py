@@ -1,0 +1,525 @@
+"""The ``flatjax`` command line: train, eval, flatness, results, demo.
+
+A thin layer over the library, in the style of the flax examples' ``main.py``:
+configuration is data (``experiments/configs/*.py``), the command line only
+picks a config, overrides fields and names a work directory.
+
+::
+
+    flatjax train --config experiments/configs/mnist5k.py:esgd --workdir runs/esgd \\
+        [--set num_epochs=3 --set esgd.inner_steps=10 ...]
+    flatjax eval --workdir runs/esgd
+    flatjax flatness --workdir runs/esgd [--sigmas 0 0.01 0.05] [--num-draws 32]
+    flatjax results runs/sgd runs/esgd [--out results/]
+    flatjax demo [--workdir runs/demo] [--quick]
+
+``--config PATH[:ARG]`` follows ``ml_collections.config_flags``: the file's
+``get_config(ARG)`` builds the config. ``--set key=value`` overrides a field
+by its dotted name; the value is parsed to the type of the field it replaces.
+
+Errors a user can fix (an unknown config key, a bad value, a missing file or
+dataset, an unwritable work directory, a checkpoint that does not match the
+model) print ONE line to stderr and exit with status 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "load_config", "apply_overrides", "parse_value", "CLIError"]
+
+EXIT_USAGE = 2
+# The demo's config, relative to the repository root.
+DEMO_CONFIG = Path("experiments") / "configs" / "mnist5k.py"
+DEMO_ALGORITHMS = ("sgd", "esgd", "rsgd")
+
+
+class CLIError(Exception):
+    """A mistake in the command line or its inputs; printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------
+# Configs: loading and overriding.
+
+
+def _import_config_module(path: Path):
+    """Imports a config file; inside a package (``experiments/configs``) by its dotted name.
+
+    Importing by dotted name lets config files share a base with ordinary
+    imports (``from experiments.configs import common``), as they do under
+    ``ml_collections.config_flags`` when run from the repository root.
+    """
+    path = path.resolve()
+    parts = [path.stem]
+    root = path.parent
+    while (root / "__init__.py").is_file():
+        parts.insert(0, root.name)
+        root = root.parent
+    if len(parts) > 1:
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        return importlib.import_module(".".join(parts))
+    spec = importlib.util.spec_from_file_location(f"_flatjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str):
+    """Builds the config named by ``PATH[:ARG]``: ``get_config(ARG)`` of the Python file PATH.
+
+    Args:
+      spec: a path to a config file, optionally followed by ``:`` and the
+        argument its ``get_config`` takes (e.g. ``cifar.py:cifar10,resnet18,esgd``).
+
+    Returns:
+      The ``ml_collections.ConfigDict``, locked (new keys raise, values can change).
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      ValueError: the file has no ``get_config`` or it returned no ConfigDict.
+
+    Example:
+      >>> config = load_config("experiments/configs/mnist5k.py:rsgd")  # doctest: +SKIP
+      >>> config.algorithm  # doctest: +SKIP
+      'replicated_sgd'
+    """
+    import ml_collections
+
+    path_text, sep, arg = spec.partition(":")
+    path = Path(path_text)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path_text!r}")
+    module = _import_config_module(path)
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ValueError(f"config file {path_text!r} defines no get_config() function")
+    try:
+        config = get_config(arg) if sep else get_config()
+    except AttributeError as error:  # a typo'd key in the config file (the base is locked)
+        raise ValueError(f"{path_text}: {error}") from error
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(
+            f"{path_text}: get_config() must return an ml_collections.ConfigDict, "
+            f"got {type(config).__name__}"
+        )
+    config.lock()
+    return config
+
+
+def _flat_keys(config, prefix: str = "") -> list[str]:
+    import ml_collections
+
+    keys = []
+    for key, value in config.items():
+        name = prefix + key
+        keys.append(name)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(_flat_keys(value, name + "."))
+    return keys
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_value(text: str, current, key: str = "value"):
+    """Parses the command-line ``text`` to the type of the field's ``current`` value.
+
+    bool: ``true/false/yes/no/on/off/1/0``; int and float: Python literals
+    (an int field rejects ``0.5``, a float field accepts ``1``); str: the text
+    as given; list/tuple: ``[a, b]`` or ``a,b``, elements typed like the
+    current first element; dict: a Python literal. ``none``/``null`` sets
+    None. A field whose value is None takes any Python literal, else the text.
+
+    Example:
+      >>> parse_value("3", 10.0), parse_value("no", True), parse_value("0.01,0.1", [0.0])
+      (3.0, False, [0.01, 0.1])
+    """
+    import ml_collections
+
+    if text.strip().lower() in ("none", "null"):
+        return None
+    expected = None
+    if isinstance(current, bool):
+        lowered = text.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        expected = "true or false"
+    elif isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            expected = "an integer"
+    elif isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            expected = "a number"
+    elif isinstance(current, str):
+        return text
+    elif isinstance(current, (list, tuple)):
+        value = _literal(text)
+        if not isinstance(value, (list, tuple)):
+            value = [item.strip() for item in text.split(",") if item.strip()]
+        if current:
+            value = [parse_value(str(item), current[0], key) for item in value]
+        return type(current)(value)
+    elif isinstance(current, (dict, ml_collections.ConfigDict)):
+        value = _literal(text)
+        if isinstance(value, dict):
+            return value
+        expected = "a dict literal such as {'width': 8}"
+    else:
+        return _literal(text)
+    raise ValueError(f"--set {key}={text}: expected {expected} (the field is {current!r})")
+
+
+def apply_overrides(config, overrides: Sequence[str]):
+    """Applies ``key=value`` overrides (dotted keys) to ``config`` in place.
+
+    Args:
+      config: an ``ml_collections.ConfigDict``.
+      overrides: strings ``"a.b=value"``; values parsed by :func:`parse_value`.
+
+    Returns:
+      ``config``.
+
+    Raises:
+      ValueError: a malformed override, an unknown key (the message lists
+        close matches) or a value of the wrong type.
+
+    Example:
+      >>> import ml_collections
+      >>> config = ml_collections.ConfigDict({"lr": 0.1, "esgd": {"inner_steps": 5}})
+      >>> apply_overrides(config, ["lr=0.05", "esgd.inner_steps=10"]).esgd.inner_steps
+      10
+      >>> apply_overrides(config, ["esgd.inner_step=3"])
+      Traceback (most recent call last):
+      ...
+      ValueError: unknown config key 'esgd.inner_step'; did you mean: esgd.inner_steps?
+    """
+    import ml_collections
+
+    keys = _flat_keys(config)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=4, cutoff=0.6)
+            if not close:
+                last = key.rsplit(".", 1)[-1]
+                close = [k for k in keys if k.rsplit(".", 1)[-1] == last][:4]
+            hint = f"did you mean: {', '.join(close)}?" if close else "see the config file for keys"
+            raise ValueError(f"unknown config key {key!r}; {hint}")
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        current = node[leaf]
+        value = parse_value(text, current, key)
+        if isinstance(current, ml_collections.ConfigDict):
+            value = ml_collections.ConfigDict(value)
+        try:
+            node[leaf] = value
+        except TypeError as error:
+            raise ValueError(
+                f"--set {key}={text}: cannot store {value!r} in a field of type "
+                f"{type(current).__name__}"
+            ) from error
+    return config
+
+
+# --------------------------------------------------------------------------
+# Helpers shared by the commands.
+
+
+def _writable_workdir(workdir: str) -> Path:
+    """Creates ``workdir`` if needed and checks that files can be written in it."""
+    path = Path(workdir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".flatjax_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise CLIError(f"cannot write to workdir {workdir!r}: {reason}") from error
+    return path
+
+
+def _check_names(config) -> None:
+    """Fails early, before any work, on an unknown dataset or model name."""
+    from flatjax import data, models
+
+    info = data.get_info(config.dataset, config.data_dir)
+    models.get_model(config.model, info.num_classes, **dict(config.model_kwargs))
+
+
+def _existing_workdir(workdir: str) -> Path:
+    path = Path(workdir).expanduser()
+    if not path.is_dir():
+        raise CLIError(f"workdir {workdir!r} does not exist")
+    return path
+
+
+def _print_json(record: dict) -> None:
+    print(json.dumps(record, indent=2, sort_keys=True))
+
+
+# --------------------------------------------------------------------------
+# Commands.
+
+
+def _cmd_train(args) -> int:
+    from flatjax import training
+
+    config = load_config(args.config)
+    apply_overrides(config, args.set)
+    training.validate_config(config)
+    _check_names(config)
+    workdir = _writable_workdir(args.workdir)
+    final = training.train_and_evaluate(config, str(workdir))
+    _print_json(final)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from flatjax import _results
+
+    workdir = _existing_workdir(args.workdir)
+    result = _results.evaluate_run(str(workdir), split=args.split, overrides=args.set)
+    _print_json(result)
+    return 0
+
+
+def _cmd_flatness(args) -> int:
+    from flatjax import _results
+
+    workdir = _existing_workdir(args.workdir)
+    record = _results.measure_flatness(
+        str(workdir),
+        sigmas=args.sigmas,
+        num_draws=args.num_draws,
+        split=args.split,
+        seed=args.seed,
+        overrides=args.set,
+    )
+    print(_results.flatness_table(record))
+    print(f"wrote {workdir / _results.FLATNESS_FILE}")
+    return 0
+
+
+def _cmd_results(args) -> int:
+    from flatjax import _results
+
+    for run_dir in args.run_dirs:
+        _existing_workdir(run_dir)
+    out = _writable_workdir(args.out)
+    table, figures = _results.write_results(args.run_dirs, str(out))
+    print(table)
+    for figure in figures:
+        print(f"wrote {figure}")
+    print(f"wrote {out / _results.TABLE_FILE}")
+    return 0
+
+
+def _demo_config_path() -> Path:
+    """``experiments/configs/mnist5k.py`` of the checkout flatjax runs from, else of the cwd."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (root / DEMO_CONFIG).is_file():
+            return root / DEMO_CONFIG
+    raise CLIError(
+        f"the demo config {DEMO_CONFIG} was not found; run `flatjax demo` from the flatjax "
+        "repository (it ships in experiments/, not in the installed package)"
+    )
+
+
+def run_demo(workdir: str, *, quick: bool = False, progress: bool = True) -> str:
+    """Trains SGD, Entropy-SGD and Replicated-SGD on mnist5k, measures and compares them.
+
+    Each algorithm trains with ``experiments/configs/mnist5k.py`` (same
+    gradient budget) into ``workdir/<algorithm>``; then the local energy of
+    each evaluation network is measured on the training set, and the
+    comparison table (``results.md``) and figures are written into
+    ``workdir``.
+
+    Args:
+      workdir: the output directory.
+      quick: the tests' tiny mode (one epoch, two noise draws).
+      progress: show progress bars.
+
+    Returns:
+      The comparison table (markdown).
+    """
+    from flatjax import _results, training
+
+    out = _writable_workdir(workdir)
+    config_path = _demo_config_path()
+    run_dirs = []
+    start = time.perf_counter()
+    for i, name in enumerate(DEMO_ALGORITHMS, 1):
+        config = load_config(f"{config_path}:{name}{',quick' if quick else ''}")
+        config.progress = progress
+        run_dir = out / name
+        print(f"[{i}/{len(DEMO_ALGORITHMS)}] training {config.algorithm} ...", flush=True)
+        training.train_and_evaluate(config, str(run_dir))
+        print(f"[{i}/{len(DEMO_ALGORITHMS)}] local energy of {config.algorithm} ...", flush=True)
+        _results.measure_flatness(str(run_dir))
+        run_dirs.append(str(run_dir))
+    table, figures = _results.write_results(run_dirs, str(out))
+    elapsed = time.perf_counter() - start
+    print(table)
+    for figure in figures:
+        print(f"wrote {figure}")
+    print(f"demo finished in {elapsed / 60:.1f} min; results in {out}")
+    return table
+
+
+def _cmd_demo(args) -> int:
+    run_demo(args.workdir, quick=args.quick, progress=not args.no_progress)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# Parser and entry point.
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line and exit with status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``flatjax`` argument parser (subcommands train, eval, flatness, results, demo)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error"
+    )
+    parser = _Parser(
+        prog="flatjax",
+        description="Flat-minima training in JAX: Entropy-SGD, Replicated-SGD, flatness.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    overrides = argparse.ArgumentParser(add_help=False)
+    overrides.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field by its dotted name (repeatable), e.g. esgd.inner_steps=10",
+    )
+
+    p = sub.add_parser(
+        "train", parents=[common, overrides], help="train a config into a work directory"
+    )
+    p.add_argument("--config", required=True, metavar="PATH[:ARG]", help="config file")
+    p.add_argument("--workdir", required=True, help="output directory (created)")
+    p.set_defaults(func=_cmd_train)
+
+    split_help = "dataset split: train, validation or test"
+    p = sub.add_parser(
+        "eval",
+        parents=[common, overrides],
+        help="test error and loss of the latest checkpoint's evaluation network",
+    )
+    p.add_argument("--workdir", required=True, help="a training run's directory")
+    p.add_argument("--split", default="test", help=split_help + " (default test)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "flatness",
+        parents=[common, overrides],
+        help="local energy of the latest checkpoint's evaluation network",
+    )
+    p.add_argument("--workdir", required=True, help="a training run's directory")
+    p.add_argument(
+        "--sigmas", type=float, nargs="+", default=None, help="noise levels σ (default: config)"
+    )
+    p.add_argument(
+        "--num-draws", type=int, default=None, help="noise draws per σ (default: config)"
+    )
+    p.add_argument("--split", default="train", help=split_help + " (default train)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
+    p.set_defaults(func=_cmd_flatness)
+
+    p = sub.add_parser(
+        "results", parents=[common], help="markdown table and figures from run directories"
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories")
+    p.add_argument("--out", default="results", help="output directory (default results/)")
+    p.set_defaults(func=_cmd_results)
+
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="offline demo: SGD vs Entropy-SGD vs Replicated-SGD on mnist5k (~6 min on 2 cores)",
+    )
+    p.add_argument("--workdir", default=os.path.join("runs", "demo"), help="default runs/demo")
+    p.add_argument("--quick", action="store_true", help="tiny version, seconds (for tests)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (
+        CLIError, ValueError, TypeError, KeyError, OSError, ImportError,
+    )  # fmt: skip
+    from flatjax.training import CorruptCheckpointError, NonFiniteError
+
+    return errors + (CorruptCheckpointError, NonFiniteError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``flatjax`` command; returns the exit status (0, or 2 on a user error).
+
+    Args:
+      argv: the arguments after the program name (default ``sys.argv[1:]``).
+
+    Returns:
+      0 on success, 2 on an error, whose message is one line on stderr.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as error:
+        if args.debug:
+            raise
+        print(f"flatjax {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,58 @@
+"""Training library: state, steps, evaluation, checkpoints, metrics and the loop.
+
+Small testable functions in the style of the flax examples' ``train.py``:
+:func:`create_train_state`, :func:`make_train_step`, :func:`evaluate`,
+:func:`train_and_evaluate`; the configuration starts from :func:`base_config`.
+"""
+
+from flatjax.training.checkpoint import (
+    Checkpointer,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+)
+from flatjax.training.config import StepPlan, base_config, plan_steps, validate_config
+from flatjax.training.evaluate import evaluate, evaluate_replicas
+from flatjax.training.loop import (
+    ConfigMismatchError,
+    DataSource,
+    array_source,
+    dataset_source,
+    train_and_evaluate,
+)
+from flatjax.training.metrics import MetricsWriter, plot_curves, read_metrics
+from flatjax.training.state import (
+    TrainState,
+    create_train_state,
+    eval_params,
+    eval_variables,
+    make_optimizer,
+)
+from flatjax.training.steps import NonFiniteError, check_finite, make_train_step
+
+__all__ = [
+    "Checkpointer",
+    "CheckpointMismatchError",
+    "CorruptCheckpointError",
+    "StepPlan",
+    "base_config",
+    "plan_steps",
+    "validate_config",
+    "evaluate",
+    "evaluate_replicas",
+    "ConfigMismatchError",
+    "DataSource",
+    "array_source",
+    "dataset_source",
+    "train_and_evaluate",
+    "MetricsWriter",
+    "plot_curves",
+    "read_metrics",
+    "TrainState",
+    "create_train_state",
+    "eval_params",
+    "eval_variables",
+    "make_optimizer",
+    "NonFiniteError",
+    "check_finite",
+    "make_train_step",
+]

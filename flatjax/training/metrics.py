@@ -1,0 +1,157 @@
+"""Where training metrics go: JSON lines, TensorBoard, a progress bar, PNG curves.
+
+Per evaluation (by default once per epoch) one row is appended to
+``<workdir>/metrics.jsonl``: ``epoch`` (in the unit of ``config.num_epochs``),
+``step`` (training steps), ``grad_evals`` (gradient evaluations so far, the
+honest cost: one Entropy-SGD outer step is L, one Replicated-SGD step y),
+``effective_epochs`` (= grad_evals / (N/B), passes of SGD-equivalent
+compute), ``train_loss``/``train_error`` (means over the training minibatches
+since the previous row), ``<split>_loss``/``<split>_error`` for the evaluation
+split (``test``, or ``val`` with a validation hold-out), ``coupling`` (γ),
+``wall_time`` (seconds since the run started, summed over resumes), plus
+algorithm-specific entries (replica and ensemble errors for Replicated-SGD).
+The same scalars go to TensorBoard event files (tensorboardX, no TensorFlow)
+under ``<workdir>/tensorboard``; :func:`plot_curves` draws them to PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+__all__ = ["MetricsWriter", "read_metrics", "plot_curves"]
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` file (``[]`` if it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _scalars(row: dict):
+    for key, value in row.items():
+        if isinstance(value, bool) or key == "step":
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            yield key, float(value)
+        elif isinstance(value, Sequence) and not isinstance(value, str):
+            for i, v in enumerate(value):
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    yield f"{key}/{i}", float(v)
+
+
+class MetricsWriter:
+    """Appends metric rows to JSON lines and TensorBoard; drives a tqdm bar.
+
+    On resume (``resume_step > 0``) rows written after ``resume_step`` (by
+    the interrupted run, past its last checkpoint) are dropped, so the file
+    reads as one uninterrupted run.
+
+    Args:
+      workdir: the run's directory.
+      total_steps: length of the progress bar.
+      resume_step: step the run continues from.
+      progress: show the progress bar.
+      tensorboard: write TensorBoard event files.
+
+    Example:
+      >>> import tempfile
+      >>> from flatjax.training.metrics import MetricsWriter, read_metrics
+      >>> workdir = tempfile.mkdtemp()
+      >>> with MetricsWriter(workdir, total_steps=10, progress=False) as writer:
+      ...     writer.write({"epoch": 1.0, "step": 10, "train_loss": 0.5})
+      >>> read_metrics(f"{workdir}/metrics.jsonl")
+      [{'epoch': 1.0, 'step': 10, 'train_loss': 0.5}]
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        total_steps: int,
+        resume_step: int = 0,
+        progress: bool = True,
+        tensorboard: bool = True,
+    ):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        self.rows = rows
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._bar = tqdm(
+            total=total_steps, initial=resume_step, disable=not progress, unit="step",
+            dynamic_ncols=True,
+        )
+
+    def progress(self, step: int, **postfix) -> None:
+        """Moves the bar to ``step`` and shows ``postfix`` (loss, error, γ)."""
+        self._bar.update(step - self._bar.n)
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def write(self, row: dict) -> None:
+        """Appends one row (JSON-serialisable values) to the file and TensorBoard."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.rows.append(row)
+        if self._tb is not None:
+            for key, value in _scalars(row):
+                self._tb.add_scalar(key, value, global_step=int(row["step"]))
+            self._tb.flush()
+
+    def close(self) -> None:
+        """Closes the bar and the TensorBoard writer."""
+        self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def plot_curves(rows: list[dict], path: str | os.PathLike, *, title: str = "") -> None:
+    """Draws loss and error against effective epochs (gradient evaluations / (N/B)) to a PNG.
+
+    Args:
+      rows: metric rows (as written to ``metrics.jsonl``).
+      path: the PNG file to write.
+      title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    x = [r.get("effective_epochs", r["epoch"]) for r in rows]
+    for ax, what in zip(axes[:2], ("loss", "error"), strict=True):
+        for key in sorted({k for r in rows for k in r if k.endswith("_" + what)}):
+            if key.startswith("replica_"):
+                continue
+            ax.plot(x, [r.get(key, math.nan) for r in rows], marker=".", label=key)
+        ax.set_ylabel(what + (" (%)" if what == "error" else ""))
+        ax.legend(fontsize=8)
+    axes[2].plot(x, [r.get("coupling", 0.0) for r in rows], marker=".")
+    axes[2].set_ylabel("coupling γ")
+    if any(r.get("coupling", 0.0) > 0 for r in rows):
+        axes[2].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("effective epochs (gradient evaluations / (N/B))")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,207 @@
+"""The ``flatjax`` command line: parsing, overrides, one-line errors, end-to-end runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from flatjax import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "experiments" / "configs" / "mnist5k.py")
+QUICK = DEMO + ":sgd,quick"
+
+
+def _config():
+    return ml_collections.ConfigDict(
+        {
+            "lr": 0.1,
+            "steps": 5,
+            "name": "sgd",
+            "flag": True,
+            "maybe": None,
+            "sigmas": [0.0, 0.1],
+            "kw": {},
+            "esgd": {"inner_steps": 5, "coupling": ml_collections.FieldReference(None, float)},
+        }
+    )
+
+
+# --------------------------------------------------------------------------
+# Parsing and overrides.
+
+
+@pytest.mark.parametrize(
+    ("text", "current", "expected"),
+    [
+        ("0.05", 0.1, 0.05),
+        ("1", 0.1, 1.0),
+        ("1e-3", 0.1, 1e-3),
+        ("7", 5, 7),
+        ("entropy_sgd", "sgd", "entropy_sgd"),
+        ("false", True, False),
+        ("Yes", False, True),
+        ("0", True, False),
+        ("[0, 0.5]", [0.0], [0.0, 0.5]),
+        ("0.01,0.2", [0.0], [0.01, 0.2]),
+        ("(1, 2)", (0,), (1, 2)),
+        ("{'width': 8}", {}, {"width": 8}),
+        ("none", 0.1, None),
+        ("0.5", None, 0.5),
+        ("abc", None, "abc"),
+    ],
+)
+def test_parse_value_types_by_the_field(text, current, expected):
+    value = cli.parse_value(text, current)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "current", "match"),
+    [
+        ("0.5", 5, "expected an integer"),
+        ("fast", 0.1, "expected a number"),
+        ("maybe", True, "expected true or false"),
+        ("[1", [0.0], "expected a number"),
+        ("3", {}, "expected a dict literal"),
+    ],
+)
+def test_parse_value_rejects_wrong_type(text, current, match):
+    with pytest.raises(ValueError, match=match):
+        cli.parse_value(text, current, "key")
+
+
+def test_apply_overrides_dotted_and_typed():
+    config = cli.apply_overrides(
+        _config(),
+        ["lr=1", "steps=3", "flag=off", "esgd.coupling=0.5", "sigmas=0,0.05", "kw={'a': 1}"],
+    )
+    assert config.lr == 1.0 and isinstance(config.lr, float)
+    assert (config.steps, config.flag, config.esgd.coupling) == (3, False, 0.5)
+    assert config.sigmas == [0.0, 0.05] and config.kw.a == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("esgd.inner_step=3", r"unknown config key 'esgd.inner_step'; did you mean: esgd.inner_steps"),
+        ("inner_steps=3", r"did you mean: esgd.inner_steps"),
+        ("zzz=1", r"unknown config key 'zzz'; see the config file"),
+        ("lr", r"--set expects key=value"),
+        ("=3", r"--set expects key=value"),
+        ("steps=two", r"--set steps=two: expected an integer"),
+    ],
+)
+def test_apply_overrides_errors(override, match):
+    with pytest.raises(ValueError, match=match):
+        cli.apply_overrides(_config(), [override])
+
+
+def test_load_config_with_and_without_argument():
+    assert cli.load_config(DEMO).algorithm == "sgd"
+    config = cli.load_config(DEMO + ":rsgd")
+    assert config.algorithm == "replicated_sgd" and config.is_locked
+
+
+def test_load_config_standalone_file(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text(
+        "from flatjax.training import base_config\n"
+        "def get_config(arg='5'):\n"
+        "    c = base_config()\n"
+        "    c.num_epochs = float(arg)\n"
+        "    return c\n"
+    )
+    assert cli.load_config(f"{path}:2").num_epochs == 2.0
+    assert cli.load_config(str(path)).num_epochs == 5.0
+
+
+@pytest.mark.parametrize(
+    ("source", "match"),
+    [("x = 1\n", "defines no get_config"), ("def get_config():\n    return {}\n", "ConfigDict")],
+)
+def test_load_config_bad_file(tmp_path, source, match):
+    path = tmp_path / "bad.py"
+    path.write_text(source)
+    with pytest.raises(ValueError, match=match):
+        cli.load_config(str(path))
+
+
+def test_parser_subcommands_and_defaults():
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["train", "--config", "c.py:x", "--workdir", "w", "--set", "a=1", "--set", "b.c=2"]
+    )
+    assert (args.command, args.config, args.workdir, args.set) == ("train", "c.py:x", "w", ["a=1", "b.c=2"])
+    args = parser.parse_args(["flatness", "--workdir", "w", "--sigmas", "0", "0.1", "--num-draws", "4"])
+    assert (args.sigmas, args.num_draws, args.split) == ([0.0, 0.1], 4, "train")
+    args = parser.parse_args(["demo", "--debug"])
+    assert (args.workdir, args.quick, args.debug) == (str(Path("runs", "demo")), False, True)
+    args = parser.parse_args(["results", "r1", "r2", "--out", "o"])
+    assert (args.run_dirs, args.out) == (["r1", "r2"], "o")
+
+
+# --------------------------------------------------------------------------
+# Errors: one line on stderr, exit status 2.
+
+
+def _error_cases(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    train = ["train", "--config", QUICK, "--workdir", str(tmp_path / "run")]
+    return {
+        "unknown key": (train + ["--set", "learning_rte=0.1"], "did you mean: learning_rate"),
+        "bad value type": (train + ["--set", "batch_size=big"], "expected an integer"),
+        "invalid value": (train + ["--set", "budget=lots"], "config.budget must be one of"),
+        "missing config file": (
+            ["train", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path / "r")],
+            "config file not found",
+        ),
+        "unwritable workdir": (
+            ["train", "--config", QUICK, "--workdir", str(blocker / "run")],
+            "cannot write to workdir",
+        ),
+        "missing dataset name": (train + ["--set", "dataset=mnist6k"], "Unknown dataset 'mnist6k'"),
+        "unknown model": (train + ["--set", "model=lenet7"], "unknown model 'lenet7'"),
+        "eval on empty workdir": (["eval", "--workdir", str(empty)], "no checkpoint"),
+        "eval on missing workdir": (["eval", "--workdir", str(tmp_path / "x")], "does not exist"),
+        "flatness on empty workdir": (["flatness", "--workdir", str(empty)], "no checkpoint"),
+        "results on missing run": (["results", str(tmp_path / "x")], "does not exist"),
+        "missing argument": (["train", "--config", QUICK], "required: --workdir"),
+        "unknown command": (["fly"], "invalid choice: 'fly'"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown key",
+        "bad value type",
+        "invalid value",
+        "missing config file",
+        "unwritable workdir",
+        "missing dataset name",
+        "unknown model",
+        "eval on empty workdir",
+        "eval on missing workdir",
+        "flatness on empty workdir",
+        "results on missing run",
+        "missing argument",
+        "unknown command",
+    ],
+)
+def test_error_is_one_line_and_exit_2(case, tmp_path, capsys):
+    argv, message = _error_cases(tmp_path)[case]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err

@@ -1,0 +1,431 @@
+"""Entropy-SGD against closed forms, reductions and its two drivers' agreement."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.training import train_state
+
+import flatjax
+from tests.helpers import quadratic, tiny_mlp_problem
+
+
+def _run_stepwise(opt, grad_of, params, calls, value_of=None):
+    """Drives the stepwise transform for ``calls`` updates; grad_of(walker, call)."""
+    state = opt.init(params)
+    for c in range(calls):
+        extra = {} if value_of is None else {"value": value_of(params, c)}
+        updates, state = opt.update(grad_of(params, c), state, params, **extra)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+# --- closed forms on a quadratic ---------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["scan", "stepwise"])
+def test_one_outer_step_closed_form_L1(mode):
+    # L = 1, ε = 0, momentum 0. With g = H(x − w*):
+    #   x′ = x − η′ (g + γ·0 + λ′ x)                (the pull vanishes at x′ = x)
+    #   μ  = α x + (1 − α) x′ = x − (1 − α) η′ (g + λ′ x)
+    #   G  = γ (x − μ) = γ (1 − α) η′ (g + λ′ x)
+    #   x ← x − η G
+    q = quadratic(dim=5, seed=1, centred=False)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=5), jnp.float32)
+    eta, eta_in, gamma, alpha, wd_in = 0.7, 0.05, 2.0, 0.75, 1e-2
+    kw = dict(
+        inner_steps=1, coupling=gamma, inner_learning_rate=eta_in, noise=0.0,
+        average_weight=alpha, inner_weight_decay=wd_in, momentum=0.0,
+    )
+    g = q.hessian @ (x - q.minimum)
+    expected = x - eta * gamma * (1 - alpha) * eta_in * (g + wd_in * x)
+    if mode == "scan":
+        opt = flatjax.entropy_sgd(eta, **kw)
+        updates, _ = opt.update(None, opt.init(x), x, grad_fn=lambda w, i: q.grad(w))
+        new_x = x + updates
+    else:
+        opt = flatjax.entropy_sgd_stepwise(eta, **kw)
+        walker, state = _run_stepwise(opt, lambda w, c: q.grad(w), x, calls=1)
+        new_x = flatjax.entropy_sgd_anchor(walker, state)
+        np.testing.assert_allclose(walker, new_x, rtol=1e-6)  # params land on x
+    np.testing.assert_allclose(new_x, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_two_inner_steps_closed_form_with_pull_and_nesterov():
+    # L = 2, ε = 0, λ′ = 0; written out in numpy:
+    #   x′1 = x − η′ H(x − w*);             μ1 = α x + (1 − α) x′1
+    #   x′2 = x′1 − η′ (H(x′1 − w*) + γ (x′1 − x));  μ2 = α μ1 + (1 − α) x′2
+    #   G = γ (x − μ2);  then one step of SGD with Nesterov momentum 0.9:
+    #   m = G;  x ← x − η (G + 0.9 m)
+    q = quadratic(dim=4, seed=2, centred=False)
+    h, w_star = np.asarray(q.hessian, np.float64), np.asarray(q.minimum, np.float64)
+    x = np.random.default_rng(1).normal(size=4)
+    eta, eta_in, gamma, alpha = 0.3, 0.08, 1.5, 0.6
+    x1 = x - eta_in * h @ (x - w_star)
+    mu1 = alpha * x + (1 - alpha) * x1
+    x2 = x1 - eta_in * (h @ (x1 - w_star) + gamma * (x1 - x))
+    mu2 = alpha * mu1 + (1 - alpha) * x2
+    big_g = gamma * (x - mu2)
+    expected = x - eta * (big_g + 0.9 * big_g)
+
+    opt = flatjax.entropy_sgd(
+        eta, inner_steps=2, coupling=gamma, inner_learning_rate=eta_in, noise=0.0,
+        average_weight=alpha, inner_weight_decay=0.0,
+    )
+    xj = jnp.asarray(x, jnp.float32)
+    updates, _ = opt.update(None, opt.init(xj), xj, grad_fn=lambda w, i: q.grad(w))
+    np.testing.assert_allclose(xj + updates, expected, rtol=1e-5, atol=1e-6)
+
+
+# --- reductions --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["scan", "stepwise"])
+def test_zero_coupling_anchor_does_not_move(mode):
+    q = quadratic(dim=6, seed=3, centred=False)
+    x = jnp.ones(6)
+    kw = dict(inner_steps=3, coupling=0.0, noise=1e-2, weight_decay=0.0)
+    if mode == "scan":
+        opt = flatjax.entropy_sgd(0.5, **kw)
+        state = opt.init(x)
+        for _ in range(3):
+            updates, state = opt.update(None, state, x, grad_fn=lambda w, i: q.grad(w))
+            x = optax.apply_updates(x, updates)
+        anchor = x
+    else:
+        opt = flatjax.entropy_sgd_stepwise(0.5, **kw)
+        walker, state = _run_stepwise(opt, lambda w, c: q.grad(w), x, calls=8)
+        anchor = flatjax.entropy_sgd_anchor(walker, state)
+        assert not np.allclose(walker, 1.0)  # the walker did move
+    np.testing.assert_array_equal(anchor, jnp.ones(6))
+
+
+def test_walker_follows_sgd_without_coupling_and_noise():
+    q = quadratic(dim=5, seed=4, centred=False)
+    x = jnp.asarray(np.random.default_rng(2).normal(size=5), jnp.float32)
+    inner_steps, eta_in = 6, 0.05
+    opt = flatjax.entropy_sgd_stepwise(
+        1.0, inner_steps=inner_steps, coupling=0.0, inner_learning_rate=eta_in,
+        noise=0.0, inner_weight_decay=0.0,
+    )
+    sgd = optax.sgd(eta_in)
+    walker, state = x, opt.init(x)
+    reference, sgd_state = x, sgd.init(x)
+    for _ in range(inner_steps - 1):  # the L-th call would land the outer step
+        updates, state = opt.update(q.grad(walker), state, walker)
+        walker = optax.apply_updates(walker, updates)
+        sgd_updates, sgd_state = sgd.update(q.grad(reference), sgd_state, reference)
+        reference = optax.apply_updates(reference, sgd_updates)
+        np.testing.assert_allclose(walker, reference, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["scan", "stepwise"])
+def test_noise_variance(mode):
+    # Zero gradient, γ = 1, L = 1, α = 0, outer SGD lr 1 without momentum:
+    #   x′ = x + σ ξ with σ = ε √(2η′);  μ = x′;  G = γ (x − μ) = −σ ξ;  x ← x + σ ξ.
+    # So the anchor's step is N(0, σ²) per coordinate; n draws give the sample
+    # variance s² with (n − 1) s²/σ² ~ χ²_{n−1}: mean 1, sd √(2/(n − 1)).
+    n, eps, eta_in = 40_000, 0.3, 0.02
+    sigma2 = eps**2 * 2 * eta_in
+    kw = dict(
+        inner_steps=1, coupling=1.0, inner_learning_rate=eta_in, noise=eps,
+        average_weight=0.0, inner_weight_decay=0.0, momentum=0.0, seed=7,
+    )
+    x = jnp.zeros(n)
+    zero_grad = lambda w, *_: jnp.zeros_like(w)
+    if mode == "scan":
+        opt = flatjax.entropy_sgd(1.0, **kw)
+        step, _ = opt.update(None, opt.init(x), x, grad_fn=zero_grad)
+    else:
+        opt = flatjax.entropy_sgd_stepwise(1.0, **kw)
+        step, _ = opt.update(jnp.zeros(n), opt.init(x), x)
+    step = np.asarray(step, np.float64)
+    ratio = step.var(ddof=1) / sigma2
+    assert abs(ratio - 1) < 5 * np.sqrt(2 / (n - 1))
+    assert abs(step.mean()) < 5 * np.sqrt(sigma2 / n)
+
+
+def test_same_seed_is_deterministic_and_seeds_differ():
+    x = jnp.zeros(100)
+    zero_grad = lambda w, i: jnp.zeros_like(w)
+
+    def step(seed):
+        opt = flatjax.entropy_sgd(1.0, coupling=1.0, noise=0.1, seed=seed)
+        update = jax.jit(lambda state, x: opt.update(None, state, x, grad_fn=zero_grad))
+        return update(opt.init(x), x)[0]
+
+    np.testing.assert_array_equal(step(3), step(3))
+    assert not np.allclose(step(3), step(4))
+
+
+# --- the two drivers agree ---------------------------------------------------
+
+
+def _mlp_batches(inner_steps, outer_steps, batch=16):
+    _, params, x, y, loss_fn = tiny_mlp_problem(seed=0, n=inner_steps * outer_steps * batch)
+    xs = x.reshape(outer_steps, inner_steps, batch, -1)
+    ys = y.reshape(outer_steps, inner_steps, batch)
+    return params, xs, ys, loss_fn
+
+
+def test_scan_and_stepwise_train_state_give_same_anchor():
+    inner_steps, outer_steps = 3, 2
+    params, xs, ys, loss_fn = _mlp_batches(inner_steps, outer_steps)
+    kw = dict(
+        inner_steps=inner_steps, noise=1e-2, seed=5, weight_decay=1e-3,
+        coupling=flatjax.exponential_coupling(0.5, outer_steps, factor=10.0),
+    )
+    grad = jax.grad(loss_fn)
+
+    scan_opt = flatjax.entropy_sgd(0.5, **kw)
+
+    @jax.jit
+    def outer(params, state, bx, by):
+        updates, state = scan_opt.update(
+            None, state, params, grad_fn=lambda w, i: grad(w, bx[i], by[i])
+        )
+        return optax.apply_updates(params, updates), state
+
+    anchor, state = params, scan_opt.init(params)
+    for t in range(outer_steps):
+        anchor, state = outer(anchor, state, xs[t], ys[t])
+
+    # stepwise mode through an unmodified flax TrainState loop
+    ts = train_state.TrainState.create(
+        apply_fn=None, params=params, tx=flatjax.entropy_sgd_stepwise(0.5, **kw)
+    )
+    apply = jax.jit(lambda ts, bx, by: ts.apply_gradients(grads=grad(ts.params, bx, by)))
+    for t in range(outer_steps):
+        for i in range(inner_steps):
+            ts = apply(ts, xs[t, i], ys[t, i])
+    stepwise_anchor = flatjax.entropy_sgd_anchor(ts.params, ts.opt_state)
+
+    assert not jax.tree.all(jax.tree.map(jnp.allclose, anchor, params))  # it moved
+    chex.assert_trees_all_close(stepwise_anchor, anchor, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(ts.params, anchor, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        flatjax.entropy_sgd_coupling(state), flatjax.entropy_sgd_coupling(ts.opt_state)
+    )
+
+
+def test_stepwise_inside_lax_scan_matches_python_loop():
+    inner_steps = 2
+    params, xs, ys, loss_fn = _mlp_batches(inner_steps, outer_steps=2)
+    bx = xs.reshape(-1, *xs.shape[2:])
+    by = ys.reshape(-1, *ys.shape[2:])
+    opt = flatjax.entropy_sgd_stepwise(0.3, inner_steps=inner_steps, coupling=1.0, noise=1e-2)
+    grad = jax.grad(loss_fn)
+
+    def step(carry, batch):
+        params, state = carry
+        updates, state = opt.update(grad(params, *batch), state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    (scanned, scan_state), _ = jax.jit(lambda c: jax.lax.scan(step, c, (bx, by)))(
+        (params, opt.init(params))
+    )
+    carry = (params, opt.init(params))
+    for k in range(bx.shape[0]):
+        carry, _ = step(carry, (bx[k], by[k]))
+    chex.assert_trees_all_close(scanned, carry[0], rtol=1e-5, atol=1e-6)
+    assert int(scan_state.count) == 2
+
+
+# --- coupling and its calibration --------------------------------------------
+
+
+def test_coupling_follows_schedule():
+    schedule = flatjax.linear_coupling(0.5, total_steps=4, factor=5.0)
+    opt = flatjax.entropy_sgd(0.1, inner_steps=1, coupling=schedule, noise=0.0)
+    x = jnp.ones(3)
+    state = opt.init(x)
+    for t in range(6):
+        assert float(flatjax.entropy_sgd_coupling(state)) == pytest.approx(float(schedule(t)))
+        updates, state = opt.update(None, state, x, grad_fn=lambda w, i: w)
+        x = optax.apply_updates(x, updates)
+
+
+@pytest.mark.parametrize("mode", ["scan", "stepwise"])
+def test_calibration_closed_form(mode):
+    # L = 1, ε = 0, λ′ = 0, momentum 0; the first inner loop runs with γ = 0:
+    #   x′ = x − η′ g,  loss = L(x)  →  γ̂0 = L(x) / (½ ‖η′ g‖²)
+    #   μ = α x + (1 − α) x′,  G = γ̂0 (1 − α) η′ g,  x ← x − η G
+    # and with a constant coupling the next γ is γ̂0.
+    q = quadratic(dim=3, seed=5, centred=False)
+    x = jnp.asarray([0.5, -1.0, 2.0])
+    eta, eta_in, alpha = 0.2, 0.05, 0.75
+    g = np.asarray(q.grad(x), np.float64)
+    gamma_hat = float(q.loss(x)) / (0.5 * eta_in**2 * g @ g)
+    expected = np.asarray(x) - eta * gamma_hat * (1 - alpha) * eta_in * g
+    kw = dict(
+        inner_steps=1, coupling=3.0, inner_learning_rate=eta_in, noise=0.0,
+        average_weight=alpha, inner_weight_decay=0.0, momentum=0.0,
+        calibrate_coupling=True,
+    )
+    if mode == "scan":
+        opt = flatjax.entropy_sgd(eta, **kw)
+        state = opt.init(x)
+        assert float(flatjax.entropy_sgd_coupling(state)) == 0.0
+        updates, state = opt.update(
+            None, state, x, grad_fn=lambda w, i: (q.grad(w), q.loss(w))
+        )
+        new_x = x + updates
+    else:
+        opt = flatjax.entropy_sgd_stepwise(eta, **kw)
+        new_x, state = _run_stepwise(
+            opt, lambda w, c: q.grad(w), x, calls=1, value_of=lambda w, c: q.loss(w)
+        )
+    np.testing.assert_allclose(new_x, expected, rtol=1e-4)
+    assert float(flatjax.entropy_sgd_coupling(state)) == pytest.approx(gamma_hat, rel=1e-4)
+
+
+def test_calibration_with_zero_displacement_keeps_coupling():
+    opt = flatjax.entropy_sgd(
+        0.1, inner_steps=2, coupling=3.0, noise=0.0, calibrate_coupling=True
+    )
+    x = jnp.zeros(3)
+    grad_fn = lambda w, i: (jnp.zeros_like(w), jnp.float32(1.0))
+    updates, state = opt.update(None, opt.init(x), x, grad_fn=grad_fn)
+    assert np.all(np.isfinite(updates))
+    assert float(flatjax.entropy_sgd_coupling(state)) == pytest.approx(3.0)
+
+
+# --- composition, compilation, state -----------------------------------------
+
+
+def test_chain_with_clipping():
+    q = quadratic(dim=4, seed=6, centred=False)
+    x = jnp.full(4, 5.0)
+    # stepwise: clipping acts on the walker's gradients; without coupling and
+    # noise the walker is clipped SGD.
+    esgd = flatjax.entropy_sgd_stepwise(
+        1.0, inner_steps=4, coupling=0.0, noise=0.0, inner_learning_rate=0.1,
+        inner_weight_decay=0.0,
+    )
+    opt = optax.chain(optax.clip_by_global_norm(0.5), esgd)
+    ref = optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.1))
+    walker, state = _run_stepwise(opt, lambda w, c: q.grad(w), x, calls=3)
+    reference, _ = _run_stepwise(ref, lambda w, c: q.grad(w), x, calls=3)
+    np.testing.assert_allclose(walker, reference, rtol=1e-6)
+    np.testing.assert_array_equal(flatjax.entropy_sgd_anchor(walker, state), x)
+    # scan mode: clipping after it bounds the outer step
+    opt = optax.chain(flatjax.entropy_sgd(10.0, coupling=1.0), optax.clip_by_global_norm(0.01))
+    updates, state = opt.update(None, opt.init(x), x, grad_fn=lambda w, i: q.grad(w))
+    assert float(optax.tree.norm(updates)) == pytest.approx(0.01, rel=1e-4)
+    assert float(flatjax.entropy_sgd_coupling(state)) == 1.0
+
+
+def test_scale_by_entropy_sgd_returns_gradient_of_minus_local_entropy():
+    # L = 1, ε = 0, λ′ = 0: G = γ (1 − α) η′ g (see the L = 1 closed form).
+    q = quadratic(dim=3, seed=7, centred=False)
+    x = jnp.asarray([1.0, 2.0, -1.0])
+    opt = optax.chain(
+        flatjax.scale_by_entropy_sgd(
+            inner_steps=1, coupling=2.0, noise=0.0, inner_weight_decay=0.0,
+            inner_learning_rate=0.1, average_weight=0.5,
+        ),
+        optax.sgd(1.0),
+    )
+    updates, state = opt.update(None, opt.init(x), x, grad_fn=lambda w, i: q.grad(w))
+    np.testing.assert_allclose(updates, -2.0 * 0.5 * 0.1 * q.grad(x), rtol=1e-5)
+    assert flatjax.entropy_sgd_anchor(x, state) is x
+
+
+@pytest.mark.parametrize("mode", ["scan", "stepwise"])
+def test_no_recompilation_and_stable_state(mode):
+    _, params, x, y, loss_fn = tiny_mlp_problem(seed=1, n=32)
+    traces = []
+    make = flatjax.entropy_sgd if mode == "scan" else flatjax.entropy_sgd_stepwise
+    opt = make(
+        0.1, inner_steps=2, coupling=flatjax.exponential_coupling(0.1, 10), noise=1e-3,
+        calibrate_coupling=True,
+    )
+
+    @jax.jit
+    def step(params, state):
+        traces.append(None)
+        if mode == "scan":
+            grad_fn = lambda w, i: jax.value_and_grad(loss_fn)(w, x, y)[::-1]
+            updates, state = opt.update(None, state, params, grad_fn=grad_fn)
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+            updates, state = opt.update(grads, state, params, value=loss)
+        return optax.apply_updates(params, updates), state
+
+    state0 = opt.init(params)
+    state = state0
+    for _ in range(3):
+        params, state = step(params, state)
+    assert len(traces) == 1
+    assert step._cache_size() == 1
+    assert jax.tree.structure(state) == jax.tree.structure(state0)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, state0)
+    assert state.count.dtype == jnp.int32 and state.inner_count.dtype == jnp.int32
+
+
+# --- errors ------------------------------------------------------------------
+
+
+def _negative_schedule(count):
+    return -1.0 + 0.0 * count
+
+
+@pytest.mark.parametrize("make", [flatjax.entropy_sgd, flatjax.entropy_sgd_stepwise])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(inner_steps=0), ValueError, "inner_steps"),
+        (dict(inner_steps=2.0), TypeError, "inner_steps"),
+        (dict(coupling=-0.1), ValueError, "coupling"),
+        (dict(coupling=_negative_schedule), ValueError, "coupling"),
+        (dict(coupling="big"), TypeError, "coupling"),
+        (dict(coupling=0.0, calibrate_coupling=True), ValueError, "calibrate_coupling"),
+        (dict(inner_learning_rate=0.0), ValueError, "inner_learning_rate"),
+        (dict(inner_learning_rate=-0.1), ValueError, "inner_learning_rate"),
+        (dict(noise=-1e-4), ValueError, "noise"),
+        (dict(average_weight=1.0), ValueError, "average_weight"),
+        (dict(average_weight=-0.1), ValueError, "average_weight"),
+        (dict(inner_weight_decay=-1e-4), ValueError, "inner_weight_decay"),
+        (dict(inner_momentum=1.0), ValueError, "inner_momentum"),
+        (dict(momentum=1.0), ValueError, "momentum"),
+        (dict(weight_decay=-1.0), ValueError, "weight_decay"),
+        (dict(learning_rate=-0.1), ValueError, "learning_rate"),
+        (dict(learning_rate=None), ValueError, "learning_rate"),
+        (dict(outer_optimizer=optax.sgd(0.1)), ValueError, "not both"),
+        (dict(seed="zero"), TypeError, "seed"),
+    ],
+)
+def test_bad_hyperparameters(make, kwargs, error, match):
+    kwargs = {"learning_rate": 0.1, **kwargs}
+    with pytest.raises(error, match=match):
+        make(**kwargs)
+
+
+def test_update_errors():
+    x = jnp.zeros(2)
+    opt = flatjax.entropy_sgd(0.1)
+    with pytest.raises(ValueError, match="grad_fn"):
+        opt.update(None, opt.init(x), x)
+    with pytest.raises(ValueError, match="params"):
+        opt.update(None, opt.init(x), None, grad_fn=lambda w, i: w)
+    opt = flatjax.entropy_sgd_stepwise(0.1, calibrate_coupling=True)
+    with pytest.raises(ValueError, match="value=loss"):
+        opt.update(x, opt.init(x), x)
+    with pytest.raises(ValueError, match="params"):
+        opt.update(x, opt.init(x), None, value=1.0)
+    with pytest.raises(ValueError, match="exactly one EntropySGDState"):
+        flatjax.entropy_sgd_anchor(x, optax.sgd(0.1).init(x))
+
+
+def test_custom_optimizers():
+    q = quadratic(dim=3, seed=8, centred=False)
+    x = jnp.ones(3)
+    # outer_optimizer replaces the default; inner adam still descends.
+    opt = flatjax.entropy_sgd(
+        None, coupling=1.0, noise=0.0, outer_optimizer=optax.sgd(1.0),
+        inner_optimizer=optax.adam(0.05),
+    )
+    updates, _ = opt.update(None, opt.init(x), x, grad_fn=lambda w, i: q.grad(w))
+    assert float(q.loss(x + updates)) < float(q.loss(x))
