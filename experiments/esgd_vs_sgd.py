@@ -165,8 +165,9 @@ def main(argv=None):
         )
     for name, errs in errors.items():
         errs = np.asarray(errs)
+        std = errs.std(ddof=1) if len(errs) > 1 else 0.0
         print(
-            f"{name:12s} test error {errs.mean():.2f} ± {errs.std(ddof=1) if len(errs) > 1 else 0:.2f} %"
+            f"{name:12s} test error {errs.mean():.2f} ± {std:.2f} %"
             f" (mean ± std over {len(errs)} seeds)"
         )
     print(f"wall time {time.perf_counter() - start:.0f} s")

@@ -54,3 +54,16 @@ from flatjax._flatness import (
 )
 
 # --- multi-device / multi-host (issue 10) ---
+from flatjax._distributed import (
+    batch_layout,
+    batch_sharding,
+    host_batch_to_global,
+    initialize_distributed,
+    make_mesh,
+    process_batch_slice,
+    rsgd_shard_map_step,
+    shard_batch,
+    shard_train_state,
+    shard_train_step,
+    train_state_sharding,
+)

@@ -397,7 +397,9 @@ def entropy_sgd(
     those of the authors' code, except L, whose per-experiment value in the
     paper is unconfirmed (flatjax uses L = 5), and γ = 0.03 (Chaudhari et
     al.'s default). The outer step is scaled by γ_t (the authors' "gscale"),
-    unlike Chaudhari's PyTorch port.
+    unlike Chaudhari's PyTorch port. The explicit inner step is stable only
+    while η′ (γ_t + λ′ + curvature) < 2: when γ grows by a large factor,
+    cap it (``max_value`` of the coupling schedules) below about 2/η′.
 
     Call: ``update(updates, state, params, *, grad_fn)``. ``params`` is the
     anchor x; ``updates`` is ignored; ``grad_fn(walker, i)`` returns the

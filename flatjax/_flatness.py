@@ -169,6 +169,24 @@ def _perturb_mask(params: Any, perturb: Any) -> tuple[bool, ...]:
     return tuple(mask)
 
 
+class _ById:
+    """Wraps an unhashable callable so it can be a static ``jit`` argument."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def _static(fn: Callable) -> Callable:
+    try:
+        hash(fn)
+    except TypeError:
+        return _ById(fn)
+    return fn
+
+
 # ---------------------------------------------------------------------------
 # Dataset streaming.
 
@@ -427,7 +445,7 @@ def local_energy_fn(
     if chunk_size is None:
         chunk_size = _default_chunk_size(_num_params(params), 1, total)
     return _local_energy_jit(
-        energy_fn,
+        _static(energy_fn),
         params,
         (),
         jnp.asarray(sigmas, jnp.float32),
@@ -526,7 +544,7 @@ def local_energy(
         chunk_size = _default_chunk_size(_num_params(params), min(batch_size, x.shape[0]), total)
     other = {k: v for k, v in variables.items() if k != "params"}
     return _local_energy_jit(
-        _DatasetEnergy(apply_fn, metric, batch_size),
+        _DatasetEnergy(_static(apply_fn), metric, batch_size),
         params,
         (other, x, y),
         jnp.asarray(sigmas, jnp.float32),
@@ -628,7 +646,7 @@ def hessian_top_eigenvalue(
     """
     num_iters = _check_positive_int("num_iters", num_iters)
     tol = _check_positive_float("tol", tol)
-    return _top_eig_jit(loss_fn, params, key, num_iters=num_iters, tol=tol)
+    return _top_eig_jit(_static(loss_fn), params, key, num_iters=num_iters, tol=tol)
 
 
 def _top_eig(loss_fn, params, key, *, num_iters, tol):
@@ -716,7 +734,11 @@ def hessian_trace(
     else:
         chunk_size = _default_chunk_size(_num_params(params), 1, num_samples)
     return _trace_jit(
-        loss_fn, params, key, num_samples=num_samples, chunk_size=min(chunk_size, num_samples)
+        _static(loss_fn),
+        params,
+        key,
+        num_samples=num_samples,
+        chunk_size=min(chunk_size, num_samples),
     )
 
 
@@ -781,7 +803,7 @@ def sam_sharpness(
     """
     rho = _check_positive_float("rho", rho)
     num_steps = _check_positive_int("num_steps", num_steps)
-    return _sam_jit(loss_fn, params, rho, num_steps=num_steps)
+    return _sam_jit(_static(loss_fn), params, rho, num_steps=num_steps)
 
 
 def _sam(loss_fn, params, rho, *, num_steps):
@@ -982,7 +1004,7 @@ def local_entropy(
         raise ValueError(f"gamma_max must exceed coupling={coupling}, got {gamma_max}.")
     couplings = np.geomspace(coupling, gamma_max, num_rungs)
     return _local_entropy_jit(
-        loss_fn,
+        _static(loss_fn),
         params,
         jnp.asarray(couplings, jnp.float32),
         key_run,

@@ -196,9 +196,10 @@ def replicate(
 
       the exact minimiser of Σ_a (γ/2)‖wᵃ − mean(w)‖² + ‖w − v‖²/(2η). It is a
       contraction towards the centre for every γ ≥ 0, so no γ schedule can
-      make it diverge, and it moves the centre exactly as the explicit step
-      does; for plain SGD it agrees with the explicit step to first order in
-      ηγ. The coupling does not enter the base optimizer's momentum.
+      make it diverge. For SGD (with or without momentum) it moves the centre
+      exactly as the explicit step does, and for plain SGD it agrees with the
+      explicit step to first order in ηγ. The coupling does not enter the
+      base optimizer's momentum.
     - ``coupling_step="explicit"``: the authors' rule; the base optimizer
       steps on gᵃ + γ(wᵃ − c), c = mean_b wᵇ (coupling included in momentum).
       For plain SGD the distance to the centre is multiplied by |1 − ηγ| per
@@ -224,10 +225,12 @@ def replicate(
 
     Devices: with ``axis_name`` the function must run where that axis is
     bound (``shard_map``/``pmap``); each device holds y / n replicas on the
-    leading axis and c is a ``pmean``. Under a sharded ``jit`` use
-    ``axis_name=None``: the replica axis may be sharded over a mesh and the
-    numbers match one device. ``init`` may run inside or outside the named
-    axis (then on all y replicas).
+    leading axis and c is a ``pmean``; the state's ``base_state`` is sharded
+    like the params and its other fields are replicated (shard_map spec
+    ``ReplicateState(P(), P(), P(), P(axis), P(), P())``). Where the axis is
+    not bound (e.g. ``init`` outside ``shard_map``) all y replicas must be
+    present. Under a sharded ``jit`` use ``axis_name=None``: the replica axis
+    may be sharded over a mesh and the numbers match one device.
 
     Cost: one update costs y gradient evaluations (one per replica, each on
     its own minibatch), so one epoch of every replica is y SGD epochs.

@@ -370,8 +370,11 @@ def results_table(runs: Sequence[Run]) -> str:
             _fmt(final.get(error_key) if error_key else None, ".2f"),
             _fmt(final.get(loss_key) if loss_key else None, ".4f"),
         ]
+        flat = run.flatness
         for s in sigmas:
-            flat = run.flatness
+            if flat is None:
+                cells.append("–")
+                continue
             i = flat["sigmas"].index(s)
             cells.append(f"{flat['mean'][i]:.2f} ± {flat['stderr'][i]:.2f}")
         cells.append(_fmt(final.get("wall_time"), ".1f"))

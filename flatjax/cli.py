@@ -417,9 +417,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The ``flatjax`` argument parser (subcommands train, eval, flatness, results, demo)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--debug", action="store_true", help="show the full traceback of an error"
-    )
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser = _Parser(
         prog="flatjax",
         description="Flat-minima training in JAX: Entropy-SGD, Replicated-SGD, flatness.",

@@ -86,6 +86,7 @@ __all__ = [
     "smoothed_error",
     "erm",
     "max_margin",
+    "train_validation_split",
     "select_ridge",
     "classifier_local_energy",
     "replicated_sgd_fit",
@@ -468,13 +469,15 @@ def erm(
     with λ = ``ridge`` (b is never penalised, and is 0 when ``bias=False``).
 
     Solvers: square loss in closed form (λ = 0 gives the minimum-norm
-    least-squares solution, the λ → 0⁺ limit); logistic loss with scikit-learn's
-    L-BFGS (λ = 0: ``penalty=None``; on separable data the norm diverges and
-    L-BFGS stops after ``max_iter`` iterations, where the direction
-    approaches the max-margin one); hinge loss with liblinear's
-    ``LinearSVC`` (λ = 0 is replaced by λ = 1e-6, the hinge minimiser of
-    smallest norm, i.e. max-margin where separable; liblinear penalises its
-    intercept, which is scaled by 100 to make that penalty negligible).
+    least-squares solution, the λ → 0⁺ limit); logistic loss with
+    ``max_iter`` iterations of L-BFGS (``optax.lbfgs``, zoom line search) from
+    w = 0, b = 0 (λ = 0 on separable data: the norm diverges and the run stops
+    after ``max_iter`` iterations, with a direction on its way to the
+    max-margin one); hinge loss with liblinear's ``LinearSVC`` (dual
+    coordinate descent, tolerance 1e-4, at most ``max_iter`` epochs; λ = 0
+    is replaced by λ = 1e-5, i.e. the max-margin classifier where the data
+    are separable; liblinear penalises its intercept, whose feature is
+    scaled by 10 to make that penalty small).
 
     Args:
       x, y: data [P, N], labels ±1 [P].
@@ -513,14 +516,17 @@ def erm(
             w = np.linalg.lstsq(xc, yc, rcond=None)[0]
         b = (y_mean - x_mean @ w) if bias else 0.0
     elif loss == "logistic":
-        from sklearn.linear_model import LogisticRegression
-
-        kw = {"C": 1.0 / (ridge * p)} if ridge > 0 else {"penalty": None}
-        model = LogisticRegression(fit_intercept=bias, max_iter=max_iter, tol=1e-6, **kw)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model.fit(x, y)
-        w, b = model.coef_[0], (model.intercept_[0] if bias else 0.0)
+        # Pad P to a power of two with zero-weight rows: one compilation
+        # serves every P up to it.
+        size = 1 << (p - 1).bit_length()
+        weights = np.zeros(size, np.float32)
+        weights[:p] = 1.0 / p
+        pad = ((0, size - p), (0, 0))
+        return _logistic_lbfgs(
+            jnp.asarray(np.pad(x, pad), jnp.float32),
+            jnp.asarray(np.pad(y, pad[0]), jnp.float32),
+            jnp.asarray(weights), jnp.float32(ridge), bias, int(max_iter),
+        )
     else:
         from sklearn.svm import LinearSVC
 
@@ -530,7 +536,7 @@ def erm(
             loss="hinge",
             dual=True,
             fit_intercept=bias,
-            intercept_scaling=100.0,
+            intercept_scaling=10.0,
             max_iter=max_iter,
             tol=1e-4,
         )
@@ -539,6 +545,29 @@ def erm(
             model.fit(x, y)
         w, b = model.coef_[0], (model.intercept_[0] if bias else 0.0)
     return jnp.asarray(w, jnp.float32), jnp.asarray(b, jnp.float32)
+
+
+@jax.jit(static_argnums=(4, 5))
+def _logistic_lbfgs(x, y, weights, ridge, bias: bool, num_iter: int):
+    """L-BFGS on Σ_μ weights_μ softplus(−y(w·x + b)) + (λ/2)‖w‖², from zero."""
+    params = {"w": jnp.zeros(x.shape[1]), "b": jnp.zeros(())}
+
+    def objective(p):
+        b = p["b"] if bias else 0.0
+        data = weights @ jax.nn.softplus(-y * (x @ p["w"] + b))
+        return data + 0.5 * ridge * p["w"] @ p["w"]
+
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(objective)
+
+    def step(carry, _):
+        p, state = carry
+        value, grad = value_and_grad(p, state=state)
+        updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=objective)
+        return (optax.apply_updates(p, updates), state), None
+
+    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=num_iter)
+    return params["w"], params["b"] if bias else jnp.zeros(())
 
 
 def max_margin(x, y, *, bias: bool = False):
@@ -564,11 +593,30 @@ def max_margin(x, y, *, bias: bool = False):
     return w, b
 
 
-def _split(key, p: int, validation_fraction: float):
-    perm = np.asarray(jax.random.permutation(key, p))
-    n_val = max(1, round(validation_fraction * p))
-    if n_val >= p:
-        raise ValueError(f"cannot hold out {n_val} of {p} points for validation.")
+def train_validation_split(key: jax.Array, num_points: int, validation_fraction: float = 0.25):
+    """Random split of range(num_points) into fit and validation indices.
+
+    The validation part holds max(1, round(fraction · num_points)) indices.
+
+    Returns:
+      ``(fit, validation)``: numpy int arrays, disjoint, covering range(num_points).
+
+    Example:
+      >>> import jax
+      >>> from flatjax.theory import train_validation_split
+      >>> fit, val = train_validation_split(jax.random.key(0), 8)
+      >>> len(fit), len(val), sorted([*fit, *val]) == list(range(8))
+      (6, 2, True)
+    """
+    num_points = _check_count("num_points", num_points)
+    if not isinstance(validation_fraction, numbers.Real) or not 0 < validation_fraction < 1:
+        raise ValueError(
+            f"validation_fraction must be in (0, 1), got {validation_fraction!r}."
+        )
+    perm = np.asarray(jax.random.permutation(key, num_points))
+    n_val = max(1, round(validation_fraction * num_points))
+    if n_val >= num_points:
+        raise ValueError(f"cannot hold out {n_val} of {num_points} points for validation.")
     return perm[n_val:], perm[:n_val]
 
 
@@ -584,8 +632,8 @@ def select_ridge(
 ):
     r"""Chooses λ by the error on a held-out split of the training data, then refits.
 
-    The training data are split at random (by ``key``) into a fit part and a
-    validation part of ``validation_fraction``; each λ of ``ridges`` is fitted
+    The training data are split at random (``train_validation_split(key, P,
+    validation_fraction)``) into a fit part and a validation part; each λ of ``ridges`` is fitted
     on the first and scored by its error on the second; the λ of least
     validation error (the first in ``ridges`` order on ties) is refitted on
     all the data. The exact test error is never looked at.
@@ -606,7 +654,7 @@ def select_ridge(
     ridges = list(ridges)
     if not ridges:
         raise ValueError("ridges must hold at least one value.")
-    fit, val = _split(key, x.shape[0], validation_fraction)
+    fit, val = train_validation_split(key, x.shape[0], validation_fraction)
     scores = []
     for lam in ridges:
         w, b = erm(x[fit], y[fit], loss=loss, ridge=lam, bias=bias)

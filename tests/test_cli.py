@@ -1,5 +1,7 @@
 """The ``flatjax`` command line: parsing, overrides, one-line errors, end-to-end runs."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -87,7 +89,10 @@ def test_apply_overrides_dotted_and_typed():
 @pytest.mark.parametrize(
     ("override", "match"),
     [
-        ("esgd.inner_step=3", r"unknown config key 'esgd.inner_step'; did you mean: esgd.inner_steps"),
+        (
+            "esgd.inner_step=3",
+            r"unknown config key 'esgd.inner_step'; did you mean: esgd.inner_steps",
+        ),
         ("inner_steps=3", r"did you mean: esgd.inner_steps"),
         ("zzz=1", r"unknown config key 'zzz'; see the config file"),
         ("lr", r"--set expects key=value"),
@@ -135,8 +140,15 @@ def test_parser_subcommands_and_defaults():
     args = parser.parse_args(
         ["train", "--config", "c.py:x", "--workdir", "w", "--set", "a=1", "--set", "b.c=2"]
     )
-    assert (args.command, args.config, args.workdir, args.set) == ("train", "c.py:x", "w", ["a=1", "b.c=2"])
-    args = parser.parse_args(["flatness", "--workdir", "w", "--sigmas", "0", "0.1", "--num-draws", "4"])
+    assert (args.command, args.config, args.workdir, args.set) == (
+        "train",
+        "c.py:x",
+        "w",
+        ["a=1", "b.c=2"],
+    )
+    args = parser.parse_args(
+        ["flatness", "--workdir", "w", "--sigmas", "0", "0.1", "--num-draws", "4"]
+    )
     assert (args.sigmas, args.num_draws, args.split) == ([0.0, 0.1], 4, "train")
     args = parser.parse_args(["demo", "--debug"])
     assert (args.workdir, args.quick, args.debug) == (str(Path("runs", "demo")), False, True)
@@ -205,3 +217,134 @@ def test_error_is_one_line_and_exit_2(case, tmp_path, capsys):
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert message in err, err
+
+
+# --------------------------------------------------------------------------
+# End to end, in-process: the quick demo, then train/eval/flatness/results on its runs.
+
+
+def _run(argv):
+    """cli.main(argv) with stdout captured; returns (exit status, stdout)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(argv)
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    code, out = _run(["demo", "--quick", "--no-progress", "--workdir", str(workdir)])
+    assert code == 0
+    return workdir, out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The demo's Replicated-SGD run trained again through `flatjax train`."""
+    workdir = tmp_path_factory.mktemp("train") / "rsgd"
+    code, out = _run(
+        ["train", "--config", DEMO + ":rsgd,quick", "--workdir", str(workdir),
+         "--set", "progress=false"]
+    )  # fmt: skip
+    assert code == 0
+    return workdir, json.loads(out)
+
+
+def test_demo_quick_prints_the_comparison_table(demo):
+    workdir, out = demo
+    assert "| run | algorithm | grad evals |" in out and "δE σ=0.05" in out
+    for name, algorithm in [("sgd", "sgd"), ("esgd", "entropy_sgd"), ("rsgd", "replicated_sgd")]:
+        assert f"| {name} | {algorithm} |" in out
+        assert (workdir / name / "flatness.json").is_file()
+        assert (workdir / name / "final.json").is_file()
+    for name in ("results.md", "curves.png", "local_energy.png"):
+        assert (workdir / name).stat().st_size > 0
+    # Same gradient budget: one SGD-epoch of gradients each, to within one step.
+    grads = [
+        json.loads((workdir / n / "final.json").read_text())["grad_evals"]
+        for n in ("sgd", "esgd", "rsgd")
+    ]
+    assert max(grads) - min(grads) <= 5
+
+
+def _metrics(workdir):
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("wall_time")
+    return rows
+
+
+def test_same_seed_same_metrics(demo, trained):
+    """Issue 11: the quick rSGD config trained twice gives identical metrics."""
+    assert _metrics(trained[0]) == _metrics(demo[0] / "rsgd")
+
+
+def test_train_prints_final_metrics(trained):
+    workdir, final = trained
+    assert final == json.loads((workdir / "final.json").read_text())
+    assert final["algorithm"] == "replicated_sgd"
+
+
+def test_eval_restores_the_evaluated_network(trained):
+    workdir, final = trained
+    code, out = _run(["eval", "--workdir", str(workdir)])
+    result = json.loads(out)
+    assert code == 0 and result["step"] == final["step"]
+    # The centre the loop evaluated at its last step is the network restored.
+    assert result["error"] == pytest.approx(final["test_error"], abs=1e-6)
+    assert result["loss"] == pytest.approx(final["test_loss"], rel=1e-5)
+
+
+def test_flatness_cli_writes_json(trained):
+    workdir, _ = trained
+    code, out = _run(
+        ["flatness", "--workdir", str(workdir), "--sigmas", "0", "0.1", "--num-draws", "3"]
+    )
+    record = json.loads((workdir / "flatness.json").read_text())
+    assert code == 0 and "| 0.1 |" in out
+    assert record["sigmas"] == [0.0, 0.1] and record["num_draws"] == 3
+    # σ = 0 perturbs nothing; the base energy is the training error of the centre.
+    assert record["mean"][0] == 0.0 and record["stderr"][0] == 0.0
+    _, train = _run(["eval", "--workdir", str(workdir), "--split", "train"])
+    assert record["base"] == pytest.approx(json.loads(train)["error"], abs=1e-4)
+
+
+def test_results_cli_table_and_figures(demo, tmp_path):
+    workdir, _ = demo
+    out_dir = tmp_path / "out"
+    code, out = _run(
+        ["results", str(workdir / "sgd"), str(workdir / "esgd"), "--out", str(out_dir)]
+    )
+    assert code == 0
+    table = (out_dir / "results.md").read_text()
+    assert "| sgd | sgd |" in table and "| esgd | entropy_sgd |" in table
+    assert "| rsgd |" not in table
+    assert (out_dir / "curves.png").is_file() and (out_dir / "local_energy.png").is_file()
+
+
+def test_checkpoint_of_another_model_is_one_line_exit_2(demo, capsys):
+    workdir, _ = demo
+    code = cli.main(["eval", "--workdir", str(workdir / "sgd"), "--set", "model=mlp"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "does not match" in err, err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        cli.main(
+            ["train", "--debug", "--config", str(tmp_path / "x.py"), "--workdir", str(tmp_path)]
+        )
+
+
+def test_python_m_flatjax_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "flatjax", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 0
+    for command in ("train", "eval", "flatness", "results", "demo"):
+        assert command in result.stdout

@@ -49,9 +49,7 @@ def test_config_file_loads_through_cli_and_validates(name, quick):
         assert not config.progress
 
 
-CIFAR_CELLS = [
-    (d, m, a) for d in cifar.DATASETS for m in cifar.MODELS for a in cifar.ALGORITHMS
-]
+CIFAR_CELLS = [(d, m, a) for d in cifar.DATASETS for m in cifar.MODELS for a in cifar.ALGORITHMS]
 
 
 @pytest.mark.parametrize(("dataset", "model", "algorithm"), CIFAR_CELLS)
@@ -61,7 +59,8 @@ def test_cifar_grid_cell(dataset, model, algorithm):
     assert (config.dataset, config.model) == (dataset, model)
     assert config.algorithm == common.ALGORITHMS[algorithm]
     # The paper's baseline (SPEC.md §6), shared by every cell.
-    assert (config.learning_rate, config.momentum, config.nesterov) == (0.1, 0.9, True)
+    assert (config.momentum, config.nesterov, config.lr_schedule) == (0.9, True, "cosine")
+    assert config.learning_rate == (1.0 if algorithm == "esgd" else 0.1)
     assert (config.weight_decay, config.batch_size, config.augment) == (5e-4, 128, True)
     assert config.budget == "gradients"
     assert config.rsgd.num_replicas == 3 and config.esgd.inner_steps == 5
@@ -89,7 +88,13 @@ def test_demo_configs_share_everything_but_the_algorithm(algorithm):
     config, sgd = mnist5k.get_config(algorithm), mnist5k.get_config("sgd")
     assert (config.dataset, config.model) == ("mnist5k", "lenet5")
     differ = {k for k in BASE_KEYS if _get(config, k) != _get(sgd, k)}
-    assert differ <= {"algorithm"}
+    # Entropy-SGD's outer step is scaled by γ, so its lr and γ range are its own.
+    own = {"learning_rate", "lr_schedule", "esgd.coupling", "esgd.coupling_factor"}
+    assert differ <= {"algorithm"} | (own if algorithm == "esgd" else set())
+    if algorithm == "esgd":
+        # η γ stays in [0.1, 1] over the run (common.set_algorithm).
+        assert config.learning_rate * config.esgd.coupling == pytest.approx(0.1)
+        assert config.esgd.coupling_factor == 10.0
 
 
 def _get(config, dotted):

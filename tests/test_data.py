@@ -44,7 +44,9 @@ def _take(it, n):
 # --- offline builders --------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["digits", "mnist5k", "mnist1d", "gaussian_mixture"])
+@pytest.mark.parametrize(
+    "name", ["digits", "mnist5k", "mnist1d", "gaussian_mixture", "fake_cifar10"]
+)
 def test_offline_dataset_shapes_counts_dtypes(name, data_dir):
     info = fd.get_info(name, data_dir)
     for split, n in [("train", info.num_train), ("test", info.num_test)]:
@@ -173,6 +175,14 @@ def test_missing_official_dataset_raises_before_any_download(tmp_path, monkeypat
         fd.load_arrays("svhn", "test", data_dir=tmp_path)
 
 
+def test_official_dataset_prepared_as_tfrecord_is_refused(tmp_path):
+    builder = tfds.builder("cifar10", data_dir=str(tmp_path), file_format="tfrecord")
+    builder.data_path.mkdir(parents=True)
+    builder.info.write_to_directory(builder.data_path)
+    with pytest.raises(fd.DatasetNotPreparedError, match="tfrecord, not array_record"):
+        fd.prepare("cifar10", tmp_path)
+
+
 def test_official_dataset_through_train_batches_with_augmentation(cifar):
     batch = next(fd.train_batches("cifar10", batch_size=16, seed=0, cutout=8, data_dir=cifar))
     assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.float32
@@ -197,15 +207,21 @@ def test_get_info_of_unprepared_official_dataset_is_the_catalogue(tmp_path):
 # --- augmentation ----------------------------------------------------------------
 
 
-def test_random_crop_is_a_window_of_the_padded_image():
-    image = np.random.default_rng(0).integers(1, 255, (6, 5, 3), dtype=np.uint8)
-    padded = np.pad(image, ((2, 2), (2, 2), (0, 0)))
+@pytest.mark.parametrize("shape, padding", [((6, 5, 3), 2), ((2, 3, 1), 4), ((32, 32, 3), 4)])
+def test_random_crop_is_a_window_of_the_padded_image(shape, padding):
+    h, w, _ = shape
+    image = np.random.default_rng(0).integers(1, 255, shape, dtype=np.uint8)
+    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    windows = {
+        (i, j): padded[i : i + h, j : j + w]
+        for i in range(2 * padding + 1)
+        for j in range(2 * padding + 1)
+    }
     offsets = set()
     for s in range(60):
-        out = fd.random_crop(image, np.random.default_rng(s), padding=2)
+        out = fd.random_crop(image, np.random.default_rng(s), padding=padding)
         assert out.shape == image.shape and out.dtype == image.dtype
-        windows = {(i, j): padded[i : i + 6, j : j + 5] for i in range(5) for j in range(5)}
-        found = [ij for ij, w in windows.items() if np.array_equal(w, out)]
+        found = [ij for ij, win in windows.items() if np.array_equal(win, out)]
         assert found
         offsets.update(found)
     assert len(offsets) > 10

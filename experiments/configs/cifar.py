@@ -13,7 +13,9 @@ Baseline (all architectures): SGD, Nesterov momentum 0.9, lr 0.1 with a
 cosine schedule, weight decay 5e-4, batch 128, 200 epochs, standard
 augmentation (random 32×32 crop with padding 4, horizontal flip, per-channel
 normalisation). eSGD: L = 5 Langevin steps per outer step (flatjax's
-default; the paper's per-experiment L is unconfirmed). rSGD: y = 3 replicas,
+default; the paper's per-experiment L is unconfirmed), outer lr 1 (cosine)
+with γ from 0.1 to 1, since its outer step η γ (x − μ) is scaled by γ
+(``common.set_algorithm``). rSGD: y = 3 replicas,
 the centre is evaluated. eSGD and rSGD get the SAME number of gradient
 evaluations as the baseline (``budget='gradients'``: 200 SGD-epochs of
 gradients, i.e. 40 outer epochs of eSGD and 200/3 epochs per rSGD replica);
@@ -24,8 +26,8 @@ also reports. The epoch count per architecture in the paper is unconfirmed;
 ``get_config(arg)``: ``arg`` is ``DATASET,MODEL,ALGORITHM[,quick]`` with
 DATASET in {cifar10, cifar100}, MODEL in {resnet18, resnet110, pyramidnet272,
 efficientnet_b0}, ALGORITHM in {sgd, esgd, rsgd}; the default is
-``cifar10,resnet18,sgd``. ``quick`` swaps in the tiny variant of the architecture and a sliver of an
-epoch, to check the pipeline. Commands, e.g.::
+``cifar10,resnet18,sgd``. ``quick`` swaps in the tiny variant of the
+architecture and a sliver of an epoch, to check the pipeline. Commands, e.g.::
 
     flatjax train --config experiments/configs/cifar.py:cifar10,resnet18,sgd \\
         --workdir runs/cifar10/resnet18/sgd

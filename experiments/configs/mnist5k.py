@@ -11,11 +11,14 @@ differences in test error are a few tenths of a point and of the order of
 the seed-to-seed spread; the local-energy gap is the robust part.
 
 Setup: ``mnist5k`` (5,000 28×28 digits, the fixed-seed stratified split of
-``flatjax.data``), LeNet-5 (61,706 parameters), batch 128, Nesterov 0.9,
-lr 0.05 with a cosine schedule, weight decay 5e-4, no augmentation, the
-same budget of 12 SGD-epochs of gradient evaluations for every algorithm
-(``budget='gradients'``). Local energy: σ ∈ {0, 0.01, 0.02, 0.05, 0.1} with
-16 noise draws over the whole training set.
+``flatjax.data``: 4,000 train, 1,000 test), LeNet-5 (61,706 parameters),
+batch 128, Nesterov 0.9, weight decay 5e-4, no augmentation, the same budget
+of 12 SGD-epochs of gradient evaluations for every algorithm
+(``budget='gradients'``). SGD and rSGD: lr 0.05 with a cosine schedule; rSGD's
+γ starts balanced and grows ×10⁴ over the run, per epoch. eSGD: L = 5,
+outer lr 1 (constant) with γ from 0.1 to 1, so that η γ ≤ 1
+(``common.set_algorithm``). Local energy: σ ∈ {0, 0.01, 0.02, 0.05, 0.1}
+with 16 noise draws over the whole training set.
 
 Commands (the demo trains all three, then measures and tabulates them)::
 
@@ -44,6 +47,8 @@ def get_config(arg: str = ""):
     config.flatness.sigmas = [0.0, 0.01, 0.02, 0.05, 0.1]
     config.flatness.num_draws = 16
     common.set_algorithm(config, args["algorithm"], inner_steps=5, num_replicas=3)
+    if args["algorithm"] == "esgd":
+        config.lr_schedule = "constant"
     if args["quick"]:
         common.make_quick(config, num_epochs=1.0)
     return config

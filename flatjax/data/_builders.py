@@ -9,7 +9,8 @@ validation set. The ``index`` feature is the example's position in the
 source package's arrays.
 
 Registered tfds names: ``flatjax_digits``, ``flatjax_mnist5k``,
-``flatjax_mnist1d``, ``flatjax_gaussian_mixture``, ``flatjax_tiny_imagenet``.
+``flatjax_mnist1d``, ``flatjax_gaussian_mixture``, ``flatjax_fake_cifar10``,
+``flatjax_tiny_imagenet``.
 """
 
 from __future__ import annotations
@@ -191,6 +192,27 @@ class FlatjaxGaussianMixture(_OfflineBuilder):
         return x, labels, np.arange(p), np.arange(p, len(x))
 
 
+class FlatjaxFakeCifar10(_OfflineBuilder):
+    """A synthetic CIFAR-10 look-alike for smoke tests and benchmarks: 5,000 train / 1,000 test.
+
+    ``[32, 32, 3]`` uint8 images: a fixed random 4×4 colour pattern per class
+    (upsampled to 32×32) plus Gaussian pixel noise (σ = 48), clipped to
+    [0, 255]; balanced random labels; seed 0. Learnable, but not CIFAR.
+    """
+
+    name = "flatjax_fake_cifar10"
+    DESCRIPTION = "Synthetic 32x32x3 class patterns + noise, 5000/1000, seed 0."
+    SHAPE = (32, 32, 3)
+
+    def _arrays(self):
+        rng = np.random.default_rng(0)
+        patterns = rng.uniform(40, 215, (10, 4, 4, 3)).repeat(8, axis=1).repeat(8, axis=2)
+        labels = rng.permutation(np.arange(6000) % 10)
+        noise = rng.normal(0.0, 48.0, (6000, 32, 32, 3))
+        images = np.clip(patterns[labels] + noise, 0, 255).astype(np.uint8)
+        return images, labels, np.arange(5000), np.arange(5000, 6000)
+
+
 TINY_IMAGENET_INSTRUCTIONS = """\
 Tiny ImageNet (200 classes, 64x64) is read from a local copy of the folder
 `tiny-imagenet-200/` (http://cs231n.stanford.edu/tiny-imagenet-200.zip, unzipped):
@@ -268,4 +290,5 @@ OFFLINE_BUILDERS = {
     "mnist5k": FlatjaxMnist5k,
     "mnist1d": FlatjaxMnist1d,
     "gaussian_mixture": FlatjaxGaussianMixture,
+    "fake_cifar10": FlatjaxFakeCifar10,
 }

@@ -92,6 +92,9 @@ CATALOGUE: dict[str, _Spec] = {
                      (0.13114,), (0.30832,), 255.0, 0, False, False, "offline"),
     "mnist1d": _Spec("flatjax_mnist1d", 10, (40,), 4000, 1000,
                      (-0.00032,), (0.99765,), 1.0, 0, False, False, "offline"),
+    # Synthetic CIFAR look-alike (smoke tests, benchmarks): CIFAR-10's recipe.
+    "fake_cifar10": _Spec("flatjax_fake_cifar10", 10, (32, 32, 3), 5000, 1000,
+                          _CIFAR10_MEAN, _CIFAR10_STD, 255.0, 4, True, True, "offline"),
     # The theory's inputs are used as generated (no normalisation).
     "gaussian_mixture": _Spec("flatjax_gaussian_mixture", 2, (_builders.GM_DIM,),
                               int(round(_builders.GM_ALPHA * _builders.GM_DIM)),
@@ -189,16 +192,16 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None) -> str:
     """
     spec = _spec(name)
     data_dir = default_data_dir(data_dir)
-    builder = tfds.builder(spec.tfds_name, data_dir=data_dir, file_format="array_record")
+    builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
     if builder.is_prepared():
         fmt = builder.info.file_format
         if fmt is not None and fmt != tfds.core.FileFormat.ARRAY_RECORD:
             raise DatasetNotPreparedError(
                 _not_prepared_message(
                     name, spec, data_dir,
-                    f"found as {fmt.value}, not array_record: convert it with "
-                    f"`tfds convert_format --dataset_version_dir "
-                    f"{builder.data_path} --out_file_format array_record`",
+                    f"found as {fmt.value}, not array_record; convert it with `tfds "
+                    f"convert_format --dataset_version_dir {builder.data_path} "
+                    f"--out_file_format array_record --out_dir DIR`",
                 )
             )  # fmt: skip
         return data_dir
@@ -309,12 +312,14 @@ class _Preprocess(grain.transforms.Map):
     """Record → ``{"image": float32, "label": int32}``, normalised or scaled to [0, 1]."""
 
     def __init__(self, spec: _Spec, normalize: bool):
-        self._mean = spec.mean if normalize else 0.0
-        self._std = spec.std if normalize else 1.0
-        self._scale = spec.scale
+        mean = np.asarray(spec.mean if normalize else 0.0, np.float32)
+        std = np.asarray(spec.std if normalize else 1.0, np.float32)
+        # (x / scale − mean) / std = x · a − b, computed once.
+        self._a = (1.0 / (spec.scale * std)).astype(np.float32)
+        self._b = (mean / std).astype(np.float32)
 
     def map(self, record):
-        image = _augment.normalize(record["image"], self._mean, self._std, self._scale)
+        image = np.asarray(record["image"], np.float32) * self._a - self._b
         return {"image": image, "label": np.int32(record["label"])}
 
 
@@ -411,6 +416,10 @@ def _iterate(
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     it = ds.to_iter_dataset(read)
     if num_workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (their defaults here)
+            flags.FLAGS.mark_as_parsed()
         options = grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=max(1, prefetch // num_workers)
         )

@@ -159,8 +159,9 @@ class EfficientNet(nn.Module):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> model = EfficientNetTiny(num_classes=10)
-      >>> variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
-      >>> model.apply(variables, jnp.ones((2, 8, 8, 3)), train=False).shape
+      >>> x = jnp.zeros((2, 8, 8, 3))
+      >>> logits, variables = jax.eval_shape(model.init_with_output, jax.random.PRNGKey(0), x)
+      >>> logits.shape
       (2, 10)
 
     References:

@@ -27,8 +27,9 @@ class LeNet5(nn.Module):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> model = LeNet5(num_classes=10)
-      >>> variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
-      >>> model.apply(variables, jnp.ones((2, 28, 28, 1)), train=False).shape
+      >>> x = jnp.zeros((2, 28, 28, 1))
+      >>> logits, variables = jax.eval_shape(model.init_with_output, jax.random.PRNGKey(0), x)
+      >>> logits.shape
       (2, 10)
 
     References:

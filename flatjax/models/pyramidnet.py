@@ -211,10 +211,13 @@ class PyramidNet(nn.Module):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> model = PyramidNetTiny(num_classes=10)
-      >>> variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
-      >>> logits, _ = model.apply(variables, jnp.ones((2, 8, 8, 3)), train=True,
-      ...     rngs={"shakedrop": jax.random.PRNGKey(1)}, mutable=["batch_stats"])
-      >>> logits.shape
+      >>> x = jnp.zeros((2, 8, 8, 3))
+      >>> variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+      >>> train_step_logits, _ = jax.eval_shape(
+      ...     lambda v, key: model.apply(v, x, train=True, rngs={"shakedrop": key},
+      ...                                mutable=["batch_stats"]),
+      ...     variables, jax.random.PRNGKey(1))
+      >>> train_step_logits.shape
       (2, 10)
 
     References:

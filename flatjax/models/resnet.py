@@ -90,11 +90,10 @@ class ResNet(nn.Module):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> model = ResNetTiny(num_classes=10)
-      >>> variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
-      >>> logits, updates = model.apply(
-      ...     variables, jnp.ones((2, 8, 8, 3)), train=True, mutable=["batch_stats"])
-      >>> logits.shape
-      (2, 10)
+      >>> x = jnp.zeros((2, 8, 8, 3))
+      >>> logits, variables = jax.eval_shape(model.init_with_output, jax.random.PRNGKey(0), x)
+      >>> logits.shape, sorted(variables)
+      ((2, 10), ['batch_stats', 'params'])
 
     References:
       He, Zhang, Ren, Sun (2016), "Deep residual learning for image

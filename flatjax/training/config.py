@@ -76,9 +76,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.esgd.noise = 1e-4
     c.esgd.average = 0.75
     c.esgd.inner_weight_decay = 1e-4
-    c.esgd.coupling = ml_collections.FieldReference(None, field_type=float)
+    # γ_0 = 0.03 (Chaudhari et al.'s default), capped at 1/η′: beyond η′γ = 1 the
+    # explicit elastic step of the inner loop overshoots the anchor, beyond 2 it
+    # diverges. None = γ_0 calibrated at the first outer step (the authors' rule);
+    # on small nets that γ_0 is large and diverges within a few steps.
+    c.esgd.coupling = ml_collections.FieldReference(0.03, field_type=float)
     c.esgd.coupling_factor = 1e4
-    c.esgd.coupling_max = ml_collections.FieldReference(None, field_type=float)
+    c.esgd.coupling_max = ml_collections.FieldReference(10.0, field_type=float)
     c.esgd.mode = "scan"
     c.esgd.batch_norm = "walker"
 

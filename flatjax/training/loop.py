@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -232,6 +233,17 @@ def _check_saved_config(workdir: str, config: ml_collections.ConfigDict) -> None
             raise ConfigMismatchError(
                 f"The workdir {workdir} holds a run with a different configuration "
                 f"({'; '.join(differ)}). Use a fresh workdir, or restore the config."
+            )
+        changed = sorted(
+            k for k in set(saved) | set(current)
+            if k not in ("progress",) and saved.get(k) != current.get(k)
+        )
+        if changed:
+            warnings.warn(
+                f"Resuming in {workdir} with changed config fields {changed}: schedules and "
+                "durations follow the new values, so the run will not equal an uninterrupted one.",
+                UserWarning,
+                stacklevel=3,
             )
     with open(path, "w") as f:
         json.dump(current, f, indent=2, sort_keys=True)

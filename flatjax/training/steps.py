@@ -102,8 +102,9 @@ def check_finite(metrics: dict, step: int) -> None:
             shown = ", ".join(f"{k} = {float(metrics[k]):.4g}" for k in _GUARDED if k in metrics)
             raise NonFiniteError(
                 f"Training diverged at step {step}: {name} = {float(metrics[name])} ({shown}). "
-                "Lower the learning rate or the coupling (lr·γ must stay well below 1 for "
-                "Replicated-SGD), or set config.nan_policy='skip' to skip such updates."
+                "Lower the learning rate or the coupling (Entropy-SGD: keep η′γ <= 1 with "
+                "esgd.coupling_max; Replicated-SGD: lr·γ), or set config.nan_policy='skip' "
+                "to skip such updates."
             )
 
 

@@ -1,0 +1,417 @@
+"""Replicated-SGD step cost against y sequential SGD steps, and the shared timing harness.
+
+One jitted step of y = 3 coupled replicas (forward/backward of every replica
+through ``flatjax.replica_map`` + the ``flatjax.replicate`` update) is timed
+against three calls of a jitted single-network SGD step, for each execution
+strategy of ``replica_map``:
+
+- ``vmap`` and ``unroll`` (a Python loop traced into one jit), in this process;
+- ``sharded``: ``vmap`` under ``jit`` with the replica axis of params,
+  optimizer state and batches sharded over y devices by a ``NamedSharding``.
+  On CPU the y devices are emulated (``--xla_force_host_platform_device_count``
+  is read when jax is imported, so the driver runs this case in a subprocess:
+  ``--sharded``); the baseline is timed in that same subprocess;
+- ``auto`` (the default): the strategy ``replica_map`` resolves to on this
+  backend. When its lowered program is identical to that strategy's (checked
+  on the HLO text), the timings are shared rather than measured twice.
+
+Both sides use SGD with Nesterov momentum 0.9 (``replicate`` around it, with
+the default proximal coupling step). Timing: every repetition runs the
+baseline and each candidate once, in an order that alternates between
+repetitions; the ratio of a candidate is the median over repetitions of
+candidate_r / baseline_r, and its spread the [min, max] of those per-rep
+ratios. The first call (trace + compile + one run) is reported separately.
+
+The helpers here (``make_problem``, ``sgd_step``, ``interleaved``,
+``ratio_row``) are shared by the other benchmark scripts of this folder.
+
+Usage::
+
+    python -m experiments.benchmarks.rsgd_bench --models lenet5 --reps 5 \
+        --out experiments/benchmarks/results/rsgd.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import flatjax
+from flatjax.models import get_model
+
+INPUT_SHAPES = {"mlp": (28, 28, 1), "lenet5": (28, 28, 1), "resnet18": (32, 32, 3)}
+NUM_CLASSES = 10
+LEARNING_RATE = 0.05
+
+
+# --------------------------------------------------------------------------- harness
+
+
+class Problem(NamedTuple):
+    """A model with random data, ready to time.
+
+    Attributes:
+      name: model name (a key of ``INPUT_SHAPES``).
+      params: the ``params`` collection of one network.
+      batch_stats: its ``batch_stats`` collection (``{}`` without BatchNorm).
+      loss: ``loss(params, batch_stats, batch) -> (loss, new_batch_stats)`` in
+        training mode.
+      batches: ``batches(n)`` -> ``n`` random batches stacked on a leading axis.
+      batch_size: examples per batch.
+    """
+
+    name: str
+    params: Any
+    batch_stats: Any
+    loss: Callable
+    batches: Callable
+    batch_size: int
+
+
+def make_problem(name: str, batch_size: int, *, dtype=jnp.float32, seed: int = 0) -> Problem:
+    """A ``Problem`` for model ``name`` (mlp, lenet5, resnet18) on random inputs."""
+    if name not in INPUT_SHAPES:
+        raise ValueError(f"model must be one of {sorted(INPUT_SHAPES)}, got {name!r}")
+    kwargs = {} if name == "mlp" else {"dtype": dtype}
+    model = get_model(name, NUM_CLASSES, **kwargs)
+    shape = INPUT_SHAPES[name]
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, *shape), jnp.float32))
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    has_bn = bool(jax.tree.leaves(batch_stats))
+
+    def loss(params, batch_stats, batch):
+        v = {"params": params}
+        if has_bn:
+            v["batch_stats"] = batch_stats
+            logits, mutated = model.apply(v, batch["image"], train=True, mutable=["batch_stats"])
+            batch_stats = mutated["batch_stats"]
+        else:
+            logits = model.apply(v, batch["image"], train=True)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return jnp.mean(ce), batch_stats
+
+    def batches(n):
+        rng = np.random.default_rng(seed + n)
+        return {
+            "image": jnp.asarray(rng.normal(size=(n, batch_size, *shape)), jnp.float32),
+            "label": jnp.asarray(rng.integers(0, NUM_CLASSES, (n, batch_size)), jnp.int32),
+        }
+
+    return Problem(name, params, batch_stats, loss, batches, batch_size)
+
+
+def base_optimizer():
+    """The optimizer of every baseline: SGD with Nesterov momentum 0.9."""
+    return optax.sgd(LEARNING_RATE, momentum=0.9, nesterov=True)
+
+
+def sgd_step(problem: Problem, optimizer=None):
+    """Jitted plain step ``(params, batch_stats, opt_state, batch) -> same + loss``."""
+    optimizer = optimizer or base_optimizer()
+
+    @jax.jit
+    def step(params, batch_stats, opt_state, batch):
+        (loss, batch_stats), grads = jax.value_and_grad(problem.loss, has_aux=True)(
+            params, batch_stats, batch
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    return step, optimizer
+
+
+def sequential_sgd(problem: Problem, n: int):
+    """``run()`` doing n calls of the jitted SGD step (state threaded), blocking at the end."""
+    step, opt = sgd_step(problem)
+    batches = problem.batches(n)
+    batch_list = [jax.tree.map(lambda x, i=i: x[i], batches) for i in range(n)]
+    init = (problem.params, problem.batch_stats, opt.init(problem.params))
+
+    def run():
+        p, bs, s = init
+        for b in batch_list:
+            p, bs, s, loss = step(p, bs, s, b)
+        jax.block_until_ready((p, loss))
+
+    return run, step
+
+
+def timed_first_call(run: Callable) -> float:
+    """Seconds of the first call (tracing + compilation + one execution)."""
+    t = time.perf_counter()
+    run()
+    return time.perf_counter() - t
+
+
+def interleaved(cases: dict[str, Callable], reps: int) -> dict[str, list[float]]:
+    """Wall-clock seconds of ``reps`` calls of every case, interleaved.
+
+    Repetition r runs every case once; the order is reversed on odd r so that
+    slow drifts of the (shared, noisy) machine hit all cases alike.
+    """
+    names = list(cases)
+    times = {n: [] for n in names}
+    for r in range(reps):
+        for n in names if r % 2 == 0 else names[::-1]:
+            t = time.perf_counter()
+            cases[n]()
+            times[n].append(time.perf_counter() - t)
+    return times
+
+
+def ratio_row(
+    benchmark: str,
+    model: str,
+    candidate: list[float],
+    baseline: list[float],
+    *,
+    target: float | None,
+    direction: str = "<=",
+    **extra,
+) -> dict:
+    """A result row: median per-rep ratio candidate/baseline, its [min, max], medians."""
+    ratios = [c / b for c, b in zip(candidate, baseline, strict=True)]
+    ratio = statistics.median(ratios)
+    met = None
+    if target is not None:
+        met = ratio <= target if direction == "<=" else ratio >= target
+    return dict(
+        benchmark=benchmark,
+        model=model,
+        ratio=round(ratio, 3),
+        target=target,
+        direction=direction,
+        met=met,
+        spread=[round(min(ratios), 3), round(max(ratios), 3)],
+        reps=len(ratios),
+        candidate_median_s=round(statistics.median(candidate), 5),
+        baseline_median_s=round(statistics.median(baseline), 5),
+        **extra,
+    )
+
+
+def machine() -> dict:
+    """The host and software the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    devices = jax.devices()
+    return dict(
+        backend=jax.default_backend(),
+        device=devices[0].device_kind,
+        num_devices=len(devices),
+        cpu=cpu,
+        cpus=os.cpu_count(),
+        load_avg_1m=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        jax=jax.__version__,
+        python=platform.python_version(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )
+
+
+def write_json(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+
+
+# --------------------------------------------------------------------------- Replicated-SGD
+
+
+def rsgd_step(problem: Problem, num_replicas: int, strategy: str, *, coupled: bool = True):
+    """Jitted Replicated-SGD step over stacked params, batch_stats and batches.
+
+    ``coupled=False`` runs the same step with the base optimizer vmapped over
+    the replicas and no coupling (the reference of the coupling's own cost).
+    """
+    base = base_optimizer()
+    if coupled:
+        opt = flatjax.replicate(base, num_replicas, 0.1, learning_rate=LEARNING_RATE)
+    else:
+        opt = optax.GradientTransformation(jax.vmap(base.init), jax.vmap(base.update))
+    grad = flatjax.replica_map(
+        jax.value_and_grad(problem.loss, has_aux=True), strategy=strategy
+    )
+
+    def step(params, batch_stats, opt_state, batches):
+        (loss, batch_stats), grads = grad(params, batch_stats, batches)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, jnp.mean(loss)
+
+    return step, opt
+
+
+def replicated_state(problem: Problem, num_replicas: int, opt):
+    """y slightly different copies of the problem's network, and the optimizer state."""
+
+    def stack(x, spread):
+        offsets = spread * jnp.arange(num_replicas, dtype=x.dtype)
+        return jnp.stack([x] * num_replicas) + offsets.reshape(-1, *[1] * x.ndim)
+
+    params = jax.tree.map(lambda x: stack(x, 0.01), problem.params)
+    batch_stats = jax.tree.map(lambda x: stack(x, 0.0), problem.batch_stats)
+    return params, batch_stats, opt.init(params)
+
+
+def rsgd_runner(problem: Problem, num_replicas: int, strategy: str, *, sharding=None,
+                coupled: bool = True):
+    """``run()`` for one jitted replicated step; ``sharding`` places the replica axis."""
+    step, opt = rsgd_step(problem, num_replicas, strategy, coupled=coupled)
+    state = replicated_state(problem, num_replicas, opt)
+    batches = problem.batches(num_replicas)
+    if sharding is not None:
+        scalar = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        state, batches = jax.tree.map(
+            lambda x: jax.device_put(x, sharding if jnp.ndim(x) else scalar), (state, batches)
+        )
+    jitted = jax.jit(step)
+
+    def run():
+        jax.block_until_ready(jitted(*state, batches))
+
+    return run, jitted, (*state, batches)
+
+
+def resolved_auto() -> str:
+    return "unroll" if jax.default_backend() == "cpu" else "vmap"
+
+
+def bench_model(name: str, batch_size: int, reps: int, strategies: list[str],
+                num_replicas: int = 3, sharded: bool = False) -> list[dict]:
+    """Rows for one model: each strategy's y-replica step ÷ y SGD steps."""
+    problem = make_problem(name, batch_size)
+    baseline, _ = sequential_sgd(problem, num_replicas)
+    cases = {"baseline": baseline}
+    first = {"baseline": timed_first_call(baseline)}
+    programs = {}
+    aliases = {}
+    for strategy in strategies:
+        if sharded:
+            mesh = jax.make_mesh((num_replicas,), ("replica",))
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
+            run, jitted, args = rsgd_runner(problem, num_replicas, "vmap", sharding=sharding)
+            label = "sharded"
+        else:
+            run, jitted, args = rsgd_runner(problem, num_replicas, strategy)
+            label = strategy
+        text = jitted.lower(*args).as_text()
+        same = [s for s, t in programs.items() if t == text]
+        programs[label] = text
+        if same:
+            aliases[label] = same[0]
+            continue
+        cases[label] = run
+        first[label] = timed_first_call(run)
+    times = interleaved(cases, reps)
+    rows = []
+    for label in programs:
+        measured = aliases.get(label, label)
+        resolved = resolved_auto() if label == "auto" else None
+        rows.append(ratio_row(
+            f"rsgd_step_y{num_replicas}/{label}",
+            name,
+            times[measured],
+            times["baseline"],
+            target=0.75 if label == "auto" and name in ("lenet5", "resnet18") else None,
+            strategy=label,
+            resolves_to=resolved,
+            shared_program_with=aliases.get(label),
+            batch_size=batch_size,
+            num_replicas=num_replicas,
+            first_call_s=round(first[measured], 3),
+            baseline_first_call_s=round(first["baseline"], 3),
+            baseline_desc=f"{num_replicas} sequential jitted SGD steps",
+        ))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def run_sharded_subprocess(models, batch_sizes, reps, num_replicas, timeout=3000):
+    """Runs the sharded case in a child process with y emulated host devices."""
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "")
+    if jax.default_backend() == "cpu":
+        flags += f" --xla_force_host_platform_device_count={num_replicas}"
+    env["XLA_FLAGS"] = flags.strip()
+    rows = []
+    for model in models:
+        cmd = [sys.executable, "-m", "experiments.benchmarks.rsgd_bench", "--sharded",
+               "--models", model, "--batch-size", str(batch_sizes[model]), "--reps", str(reps),
+               "--num-replicas", str(num_replicas), "--print-json"]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            rows.append(dict(benchmark=f"rsgd_step_y{num_replicas}/sharded", model=model,
+                             error=out.stderr.strip().splitlines()[-1:]))
+            continue
+        rows.extend(json.loads(out.stdout.strip().splitlines()[-1])["rows"])
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--models", nargs="+", default=["mlp", "lenet5", "resnet18"])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--resnet-batch-size", type=int, default=None,
+                        help="batch of resnet18 (default: --batch-size)")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--resnet-reps", type=int, default=None)
+    parser.add_argument("--num-replicas", type=int, default=3)
+    parser.add_argument("--strategies", nargs="+", default=["vmap", "unroll", "auto"])
+    parser.add_argument("--sharded", action="store_true",
+                        help="(internal) time the sharded case; needs >= y devices")
+    parser.add_argument("--with-sharded", action="store_true",
+                        help="also run the sharded case in a subprocess")
+    parser.add_argument("--print-json", action="store_true")
+    args = parser.parse_args(argv)
+    bs = {m: (args.resnet_batch_size or args.batch_size) if m == "resnet18" else args.batch_size
+          for m in args.models}
+    reps = {m: (args.resnet_reps or args.reps) if m == "resnet18" else args.reps
+            for m in args.models}
+    rows = []
+    if args.sharded:
+        if len(jax.devices()) < args.num_replicas:
+            raise SystemExit(f"--sharded needs {args.num_replicas} devices, "
+                             f"found {len(jax.devices())}")
+        for m in args.models:
+            rows += bench_model(m, bs[m], reps[m], ["sharded"], args.num_replicas, sharded=True)
+    else:
+        for m in args.models:
+            rows += bench_model(m, bs[m], reps[m], args.strategies, args.num_replicas)
+        if args.with_sharded:
+            if jax.default_backend() == "cpu" or len(jax.devices()) >= args.num_replicas:
+                for m in args.models:
+                    rows += run_sharded_subprocess([m], bs, reps[m], args.num_replicas)
+            else:
+                rows.append(dict(benchmark=f"rsgd_step_y{args.num_replicas}/sharded",
+                                 model="-", skipped=f"needs {args.num_replicas} devices"))
+    report = dict(benchmark="rsgd", machine=machine(), rows=rows)
+    if args.out:
+        write_json(args.out, report)
+    if args.print_json:
+        print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,764 @@
+"""Replicas and data over devices and hosts, with JAX's own machinery.
+
+A run is laid out on a two-axis device mesh (``jax.sharding.Mesh``):
+
+* ``"replica"`` — Replicated-SGD's y replicas are spread over it: every
+  leaf with a leading replica axis (params, BatchNorm statistics, each
+  replica's optimizer state) is sharded along it, and the centre
+  c = (1/y) Σ_a wᵃ is a mean over it (an all-reduce).
+* ``"data"`` — each minibatch is split over it (data parallelism): the
+  gradient of the mean loss, and BatchNorm's batch statistics, are means
+  over the whole minibatch of one replica, i.e. over ``"data"`` only.
+
+The preferred path is a sharded ``jit``: the unchanged training step of
+:func:`flatjax.training.make_train_step` is compiled with input and output
+shardings (:func:`shard_train_step`) and XLA inserts the collectives, so a
+loss that is a mean over the global minibatch gives the gradient averaged
+over ``"data"``, and a BatchNorm's batch mean is global per replica. The
+plain code gives the same numbers on one device, on N devices and on a pod.
+:func:`rsgd_shard_map_step` is the explicit variant: ``jax.shard_map`` with
+``flatjax.replicate(..., axis_name="replica")`` and a ``pmean`` over
+``"data"``.
+
+Multi-host: :func:`initialize_distributed` starts ``jax.distributed``; every
+process then runs the same program on the global mesh, and each host loads
+only the slice of the batch its devices hold (:func:`process_batch_slice`,
+:func:`host_batch_to_global`).
+
+References:
+  Pittorino et al., Entropic gradient descent algorithms and wide flat minima,
+  ICLR 2021, arXiv:2006.07897.
+  Xu et al., GSPMD: General and Scalable Parallelization for ML Computation
+  Graphs, 2021, arXiv:2105.04663.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from flatjax._replicate import ReplicateState, replica_map, replicate
+
+__all__ = [
+    "REPLICA_AXIS",
+    "DATA_AXIS",
+    "make_mesh",
+    "batch_layout",
+    "batch_sharding",
+    "train_state_sharding",
+    "shard_train_state",
+    "shard_batch",
+    "process_batch_slice",
+    "host_batch_to_global",
+    "shard_train_step",
+    "rsgd_shard_map_step",
+    "initialize_distributed",
+]
+
+REPLICA_AXIS = "replica"
+DATA_AXIS = "data"
+_LAYOUTS = ("replicas", "batch", "stacked")
+# Which leading axes of a batch leaf are sharded, per layout.
+_BATCH_SPECS = {
+    "replicas": P(REPLICA_AXIS, DATA_AXIS),  # [y, B, ...]: Replicated-SGD
+    "batch": P(DATA_AXIS),  # [B, ...]: SGD, Entropy-SGD stepwise
+    "stacked": P(None, DATA_AXIS),  # [L, B, ...]: Entropy-SGD scan mode
+}
+
+
+# --------------------------------------------------------------------------- mesh
+
+
+def _check_size(name: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int or None, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+    return int(value)
+
+
+def make_mesh(
+    *, replica: int | None = None, data: int | None = None, devices: Sequence | None = None
+) -> Mesh:
+    """A device mesh with axes ``("replica", "data")`` of sizes (r, d), r·d = #devices.
+
+    The replicas of Replicated-SGD are spread over ``"replica"`` (r devices
+    hold y/r replicas each) and every minibatch over ``"data"``. Given one
+    size, the other is #devices / size; given none, all devices go to
+    ``"data"`` (r = 1: data parallelism for SGD and Entropy-SGD). Both axes
+    have ``AxisType.Auto``, so the mesh serves sharded ``jit`` (XLA places
+    the collectives) and ``jax.shard_map`` alike.
+
+    Args:
+      replica: r, the number of devices the replicas are spread over, or None.
+      data: d, the number of devices each minibatch is split over, or None.
+      devices: the devices to use (default ``jax.devices()``: all devices of
+        all processes).
+
+    Returns:
+      A ``jax.sharding.Mesh`` of shape {"replica": r, "data": d}.
+
+    Raises:
+      ValueError: a size that does not divide the device count, or r·d
+        different from it (e.g. 3 replica devices on 4 devices).
+
+    Example:
+      >>> import jax, flatjax
+      >>> mesh = flatjax.make_mesh(replica=2, data=2, devices=jax.devices()[:4])
+      >>> dict(mesh.shape)
+      {'replica': 2, 'data': 2}
+    """
+    replica = _check_size("replica", replica)
+    data = _check_size("data", data)
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if n == 0:
+        raise ValueError("devices is empty; make_mesh needs at least one device.")
+    for name, size in (("replica", replica), ("data", data)):
+        if size is not None and n % size:
+            raise ValueError(
+                f"{name}={size} does not divide the {n} devices; choose a divisor of {n} "
+                f"(or pass devices=jax.devices()[:k] with k a multiple of {size})."
+            )
+    if replica is None and data is None:
+        replica, data = 1, n
+    elif replica is None:
+        replica = n // data
+    elif data is None:
+        data = n // replica
+    if replica * data != n:
+        raise ValueError(
+            f"replica * data = {replica} * {data} = {replica * data} must equal the number of "
+            f"devices, {n}; pass devices=jax.devices()[:{replica * data}] to use fewer."
+        )
+    return jax.make_mesh(
+        (replica, data),
+        (REPLICA_AXIS, DATA_AXIS),
+        axis_types=(AxisType.Auto, AxisType.Auto),
+        devices=devices,
+    )
+
+
+def _check_mesh(mesh) -> None:
+    if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != (REPLICA_AXIS, DATA_AXIS):
+        raise TypeError(
+            "mesh must be a jax.sharding.Mesh with axes ('replica', 'data') "
+            f"(see flatjax.make_mesh), got {mesh!r}."
+        )
+
+
+# --------------------------------------------------------------------------- shardings
+
+
+def batch_layout(config) -> str:
+    """The batch layout a training config's step takes.
+
+    ``'replicas'`` ([y, B, ...], Replicated-SGD), ``'stacked'`` ([L, B, ...],
+    Entropy-SGD in scan mode) or ``'batch'`` ([B, ...], SGD and Entropy-SGD
+    stepwise).
+
+    Args:
+      config: a config from :func:`flatjax.training.base_config`.
+
+    Returns:
+      The layout name, for :func:`batch_sharding` and :func:`shard_batch`.
+
+    Example:
+      >>> import flatjax
+      >>> from flatjax.training import base_config
+      >>> config = base_config()
+      >>> config.algorithm = "entropy_sgd"
+      >>> flatjax.batch_layout(config)
+      'stacked'
+    """
+    if config.algorithm == "replicated_sgd":
+        return "replicas"
+    if config.algorithm == "entropy_sgd" and config.esgd.mode == "scan":
+        return "stacked"
+    if config.algorithm in ("sgd", "entropy_sgd"):
+        return "batch"
+    raise ValueError(
+        "config.algorithm must be one of 'sgd', 'entropy_sgd', 'replicated_sgd', "
+        f"got {config.algorithm!r}."
+    )
+
+
+def _check_layout(layout) -> None:
+    if layout not in _LAYOUTS:
+        raise ValueError(
+            f"layout must be one of {_LAYOUTS} ([y, B, ...], [B, ...], [L, B, ...]), "
+            f"got {layout!r}."
+        )
+
+
+def batch_sharding(mesh: Mesh, layout: str) -> NamedSharding:
+    """How a batch of ``layout`` is laid out on ``mesh``.
+
+    ``'replicas'``: [y, B, ...] sharded ("replica", "data"); ``'batch'``:
+    [B, ...] sharded over "data"; ``'stacked'``: [L, B, ...] with B sharded
+    over "data". Trailing axes are not sharded.
+
+    Args:
+      mesh: a mesh from :func:`make_mesh`.
+      layout: ``'replicas'``, ``'batch'`` or ``'stacked'``.
+
+    Returns:
+      A ``NamedSharding``.
+
+    Example:
+      >>> import jax, flatjax
+      >>> mesh = flatjax.make_mesh(data=2, devices=jax.devices()[:2])
+      >>> flatjax.batch_sharding(mesh, "stacked").spec
+      P(None, 'data')
+    """
+    _check_mesh(mesh)
+    _check_layout(layout)
+    return NamedSharding(mesh, _BATCH_SPECS[layout])
+
+
+def _replicate_state_spec(opt_state, replica_spec):
+    """Per-leaf PartitionSpecs of an optimizer state: ReplicateState.base_state sharded."""
+
+    def spec(node):
+        if isinstance(node, ReplicateState):
+            return node._replace(
+                count=P(),
+                coupling=P(),
+                center_distance=P(),
+                base_state=jax.tree.map(lambda _: replica_spec, node.base_state),
+                center=jax.tree.map(lambda _: P(), node.center),
+                center_state=jax.tree.map(lambda _: P(), node.center_state),
+            )
+        return P()
+
+    return jax.tree.map(spec, opt_state, is_leaf=lambda x: isinstance(x, ReplicateState))
+
+
+def _leading_sizes(tree) -> set:
+    return {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(tree)}
+
+
+def train_state_sharding(state, mesh: Mesh):
+    """The sharding of every leaf of a :class:`flatjax.training.TrainState` on ``mesh``.
+
+    Replicated-SGD (``state.algorithm == 'replicated_sgd'``): params, BatchNorm
+    statistics and the base optimizer's per-replica state (the leading
+    replica axis y) are sharded over ``"replica"``; the step, the key and the
+    scalars of :class:`flatjax.ReplicateState` are replicated. SGD and
+    Entropy-SGD: everything is replicated (data parallelism).
+
+    Args:
+      state: a ``TrainState`` (or any object with ``params``,
+        ``batch_stats``, ``opt_state`` and ``algorithm``; only its structure
+        and shapes are read).
+      mesh: a mesh from :func:`make_mesh`.
+
+    Returns:
+      A pytree of ``NamedSharding`` shaped like ``state``.
+
+    Raises:
+      ValueError: y not divisible by the mesh's replica size.
+
+    Example:
+      >>> import jax, flatjax
+      >>> from flatjax.models.mlp import MLPTiny
+      >>> from flatjax.training import base_config, create_train_state
+      >>> config = base_config()
+      >>> config.algorithm, config.rsgd.coupling = "replicated_sgd", 1.0
+      >>> config.rsgd.num_replicas = 2
+      >>> state = create_train_state(config, MLPTiny(num_classes=2),
+      ...                            {"input_shape": (3,), "num_train": 1024},
+      ...                            jax.random.PRNGKey(0))
+      >>> mesh = flatjax.make_mesh(replica=2, devices=jax.devices()[:2])
+      >>> s = flatjax.train_state_sharding(state, mesh)
+      >>> s.params["Dense_0"]["kernel"].spec, s.step.spec
+      (P('replica',), P())
+    """
+    _check_mesh(mesh)
+    replicated = NamedSharding(mesh, P())
+    if getattr(state, "algorithm", None) != "replicated_sgd":
+        return jax.tree.map(lambda _: replicated, state)
+    sizes = _leading_sizes(state.params)
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            "Replicated-SGD params need one leading replica axis on every leaf; found leading "
+            f"sizes {sizes}."
+        )
+    (y,) = sizes
+    r = mesh.shape[REPLICA_AXIS]
+    if y % r:
+        raise ValueError(
+            f"num_replicas={y} is not divisible by the mesh's replica axis of size {r}; "
+            "every device must hold the same number of replicas "
+            f"(use flatjax.make_mesh(replica=k) with k dividing {y})."
+        )
+    spec = P(REPLICA_AXIS)
+    specs = state.replace(
+        step=P(),
+        params=jax.tree.map(lambda _: spec, state.params),
+        batch_stats=jax.tree.map(lambda _: spec, state.batch_stats),
+        opt_state=_replicate_state_spec(state.opt_state, spec),
+        rng=P(),
+    )
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+    )
+
+
+def _put(tree, shardings):
+    """device_put on one process; make_array_from_callback across processes.
+
+    With several processes each one holds the whole (identical) value and
+    copies into its addressable shards only.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(x, sharding):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def shard_train_state(state, mesh: Mesh):
+    """Places a training state on ``mesh`` per :func:`train_state_sharding`.
+
+    On several processes every process must pass the same state (same
+    seed); each keeps only the shards of its own devices.
+
+    Args:
+      state: a :class:`flatjax.training.TrainState`.
+      mesh: a mesh from :func:`make_mesh`.
+
+    Returns:
+      The state with every leaf a sharded ``jax.Array``.
+
+    Example:
+      >>> import jax, flatjax
+      >>> from flatjax.models.mlp import MLPTiny
+      >>> from flatjax.training import base_config, create_train_state
+      >>> state = create_train_state(base_config(), MLPTiny(num_classes=2),
+      ...                            {"input_shape": (3,), "num_train": 1024},
+      ...                            jax.random.PRNGKey(0))
+      >>> mesh = flatjax.make_mesh(data=2, devices=jax.devices()[:2])
+      >>> flatjax.shard_train_state(state, mesh).params["Dense_0"]["bias"].sharding.num_devices
+      2
+    """
+    return _put(state, train_state_sharding(state, mesh))
+
+
+def _check_batch(batch, mesh, layout) -> None:
+    if not isinstance(batch, Mapping) or not batch:
+        raise TypeError(f"batch must be a non-empty dict of arrays, got {type(batch).__name__}.")
+    r, d = mesh.shape[REPLICA_AXIS], mesh.shape[DATA_AXIS]
+    need = {"replicas": ((0, r, "y (replicas)"), (1, d, "B")), "batch": ((0, d, "B"),),
+            "stacked": ((1, d, "B"),)}[layout]
+    for key, value in batch.items():
+        shape = np.shape(value)
+        for axis, size, what in need:
+            if len(shape) <= axis:
+                raise ValueError(
+                    f"batch[{key!r}] has shape {shape}; layout {layout!r} needs at least "
+                    f"{axis + 1} axes."
+                )
+            if shape[axis] % size:
+                axis_name = REPLICA_AXIS if what.startswith("y") else DATA_AXIS
+                raise ValueError(
+                    f"batch[{key!r}] has {what} = {shape[axis]} on axis {axis}, not divisible "
+                    f"by the mesh's {axis_name!r} size {size}."
+                )
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh, layout: str) -> dict:
+    """Places a whole (global) batch on ``mesh`` per :func:`batch_sharding`.
+
+    On several processes every process must pass the same global batch;
+    use :func:`host_batch_to_global` to load only each host's slice.
+
+    Args:
+      batch: dict of arrays ``{'image', 'label'}`` with the layout's leading axes.
+      mesh: a mesh from :func:`make_mesh`.
+      layout: ``'replicas'`` ([y, B, ...]), ``'batch'`` ([B, ...]) or
+        ``'stacked'`` ([L, B, ...]); see :func:`batch_layout`.
+
+    Returns:
+      The batch as sharded ``jax.Array`` s.
+
+    Raises:
+      ValueError: y or B not divisible by the mesh axis they are split over.
+
+    Example:
+      >>> import jax, numpy as np, flatjax
+      >>> mesh = flatjax.make_mesh(replica=2, data=2, devices=jax.devices()[:4])
+      >>> b = flatjax.shard_batch({"image": np.zeros((2, 8, 3))}, mesh, "replicas")
+      >>> b["image"].sharding.shard_shape(b["image"].shape)
+      (1, 4, 3)
+    """
+    _check_mesh(mesh)
+    _check_layout(layout)
+    _check_batch(batch, mesh, layout)
+    sharding = batch_sharding(mesh, layout)
+    return _put(dict(batch), {k: sharding for k in batch})
+
+
+def process_batch_slice(mesh: Mesh, layout: str, global_shape: Sequence[int]) -> tuple:
+    """The slice of a global batch that this process's devices hold.
+
+    A host loads ``global_batch[process_batch_slice(...)]`` (e.g. only its
+    replicas' minibatches, or only its rows of each minibatch) and passes it
+    to :func:`host_batch_to_global`. On one process this is the whole batch.
+
+    Args:
+      mesh: a mesh from :func:`make_mesh`.
+      layout: the batch layout (see :func:`batch_sharding`).
+      global_shape: shape of one global batch leaf, e.g. (y, B, 28, 28, 1).
+
+    Returns:
+      A tuple of ``slice`` objects, one per axis of ``global_shape``.
+
+    Example:
+      >>> import jax, flatjax
+      >>> mesh = flatjax.make_mesh(data=2, devices=jax.devices()[:2])
+      >>> flatjax.process_batch_slice(mesh, "batch", (8, 3))
+      (slice(0, 8, None), slice(0, 3, None))
+    """
+    sharding = batch_sharding(mesh, layout)
+    global_shape = tuple(int(s) for s in global_shape)
+    indices = sharding.addressable_devices_indices_map(global_shape).values()
+    out = []
+    for axis, size in enumerate(global_shape):
+        starts = [idx[axis].indices(size)[0] for idx in indices]
+        stops = [idx[axis].indices(size)[1] for idx in indices]
+        out.append(slice(min(starts), max(stops)))
+    return tuple(out)
+
+
+def host_batch_to_global(
+    local_batch: Mapping[str, Any], mesh: Mesh, layout: str, global_shapes: Mapping | None = None
+) -> dict:
+    """Assembles a global sharded batch from each process's local slice.
+
+    Every process passes the slice :func:`process_batch_slice` names for it;
+    ``jax.make_array_from_process_local_data`` builds the global arrays
+    without any host ever holding the whole batch. On one process this is
+    :func:`shard_batch`.
+
+    Args:
+      local_batch: dict of this process's arrays.
+      mesh: a mesh from :func:`make_mesh` (over all processes' devices).
+      layout: the batch layout (see :func:`batch_sharding`).
+      global_shapes: optional dict of global shapes per key (default: inferred
+        by JAX from the local shapes and the sharding).
+
+    Returns:
+      Dict of global ``jax.Array`` s sharded per ``batch_sharding(mesh, layout)``.
+
+    Example:
+      >>> import jax, numpy as np, flatjax
+      >>> mesh = flatjax.make_mesh(data=2, devices=jax.devices()[:2])
+      >>> b = flatjax.host_batch_to_global({"label": np.arange(4)}, mesh, "batch")
+      >>> b["label"].shape, b["label"].sharding.spec
+      ((4,), P('data',))
+    """
+    sharding = batch_sharding(mesh, layout)
+    if not isinstance(local_batch, Mapping) or not local_batch:
+        raise TypeError(
+            f"local_batch must be a non-empty dict of arrays, got {type(local_batch).__name__}."
+        )
+    shapes = dict(global_shapes or {})
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v), shapes.get(k))
+        for k, v in local_batch.items()
+    }
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def shard_train_step(train_step: Callable, mesh: Mesh, state, layout: str) -> Callable:
+    """Compiles a training step for ``mesh``: a sharded ``jit`` of the unchanged step.
+
+    ``train_step(state, batch) -> (state, metrics)`` (e.g.
+    :func:`flatjax.training.make_train_step`) is jitted with the state
+    sharded per :func:`train_state_sharding`, the batch per
+    :func:`batch_sharding` and the metrics replicated. XLA partitions the
+    computation (GSPMD): each device computes its replicas on its part of
+    the minibatch; the mean loss over the minibatch makes the gradient a
+    mean over ``"data"``, a BatchNorm's batch statistics are means over the
+    replica's whole minibatch (synchronised over ``"data"`` only), and the
+    centre a mean over ``"replica"``. The numbers equal those of the plain
+    step on one device up to float rounding of the reductions.
+
+    For Replicated-SGD set ``config.rsgd.strategy='vmap'`` so the replica
+    axis stays a batch dimension XLA can split over devices (the CPU
+    default, ``'unroll'``, slices replicas one by one).
+
+    Args:
+      train_step: ``step(state, batch) -> (state, metrics)``.
+      mesh: a mesh from :func:`make_mesh`.
+      state: a state of the run (only its structure and shapes are read).
+      layout: the batch layout (see :func:`batch_layout`).
+
+    Returns:
+      The compiled step; pass it states from :func:`shard_train_state` and
+      batches from :func:`shard_batch` or :func:`host_batch_to_global`.
+
+    Example:
+      >>> import jax, numpy as np, flatjax
+      >>> from flatjax.models.mlp import MLPTiny
+      >>> from flatjax.training import base_config, create_train_state, make_train_step
+      >>> config = base_config()
+      >>> state = create_train_state(config, MLPTiny(num_classes=2),
+      ...                            {"input_shape": (3,), "num_train": 1024},
+      ...                            jax.random.PRNGKey(0))
+      >>> mesh = flatjax.make_mesh(data=2, devices=jax.devices()[:2])
+      >>> step = flatjax.shard_train_step(make_train_step(config), mesh, state, "batch")
+      >>> batch = flatjax.shard_batch({"image": np.ones((8, 3), np.float32),
+      ...                              "label": np.zeros(8, np.int32)}, mesh, "batch")
+      >>> state, metrics = step(flatjax.shard_train_state(state, mesh), batch)
+      >>> int(state.step)
+      1
+    """
+    if not callable(train_step):
+        raise TypeError(f"train_step must be callable, got {train_step!r}.")
+    _check_mesh(mesh)
+    _check_layout(layout)
+    state_sharding = train_state_sharding(state, mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(state_sharding, batch_sharding(mesh, layout)),
+        out_shardings=(state_sharding, NamedSharding(mesh, P())),
+    )
+
+
+def rsgd_shard_map_step(
+    loss_fn: Callable,
+    mesh: Mesh,
+    base_optimizer: optax.GradientTransformation,
+    num_replicas: int,
+    coupling,
+    *,
+    strategy: str = "auto",
+    **replicate_kwargs,
+):
+    """Replicated-SGD written per device with ``jax.shard_map`` (explicit collectives).
+
+    Each device holds y/r replicas (r = mesh's replica size) and, of each
+    replica's minibatch, B/d examples (d = data size). Per device:
+
+        gᵃ = ∇ pmean_data loss_fn(wᵃ, local batch a)      (mean over the minibatch)
+        w ← replicate(..., axis_name="replica").update(g, state, w)
+
+    so the centre is a ``pmean`` over ``"replica"`` and each replica's
+    gradient a mean over ``"data"``. A model with BatchNorm must be built
+    with ``axis_name="data"`` for its statistics to be synchronised over the
+    replica's whole minibatch. Same numbers as the single-device
+    ``replicate(base_optimizer, ...)`` step with an equal-size split.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, the MEAN loss of one
+        replica on a minibatch (dict of arrays, leading axis B).
+      mesh: a mesh from :func:`make_mesh`.
+      base_optimizer: Optax transform of each replica.
+      num_replicas: y, divisible by the mesh's replica size.
+      coupling: γ, float or schedule (see :func:`flatjax.replicate`).
+      strategy: how local replicas are mapped (:func:`flatjax.replica_map`).
+      **replicate_kwargs: further keyword arguments of :func:`flatjax.replicate`
+        (``learning_rate``, ``coupling_step``, ...); not ``axis_name``.
+
+    Returns:
+      ``(init, step)``: ``init(params) -> opt_state`` and
+      ``step(params, opt_state, batch) -> (params, opt_state, loss)``, both
+      jitted; ``params`` carry the leading replica axis y and ``batch`` is
+      ``[y, B, ...]``; ``loss`` is the mean over replicas and data.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, flatjax
+      >>> mesh = flatjax.make_mesh(replica=2, data=2, devices=jax.devices()[:4])
+      >>> loss = lambda w, b: jnp.mean((b["x"] @ w) ** 2)
+      >>> init, step = flatjax.rsgd_shard_map_step(loss, mesh, optax.sgd(0.1), 2, 1.0,
+      ...                                          learning_rate=0.1)
+      >>> w = jnp.ones((2, 3))
+      >>> w, state, value = step(w, init(w), {"x": jnp.ones((2, 4, 3))})
+      >>> float(value)
+      9.0
+    """
+    _check_mesh(mesh)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {loss_fn!r}.")
+    if "axis_name" in replicate_kwargs:
+        raise TypeError("rsgd_shard_map_step sets axis_name='replica' itself; do not pass it.")
+    optimizer = replicate(
+        base_optimizer, num_replicas, coupling, axis_name=REPLICA_AXIS, **replicate_kwargs
+    )
+    r = mesh.shape[REPLICA_AXIS]
+    if num_replicas % r:
+        raise ValueError(
+            f"num_replicas={num_replicas} is not divisible by the mesh's replica axis of "
+            f"size {r}."
+        )
+    state_spec = ReplicateState(P(), P(), P(), P(REPLICA_AXIS), P(), P())
+    def replica_loss(params, batch):
+        # The mean over the replica's whole minibatch. Its gradient with respect
+        # to params that are the same on every "data" device is the gradient
+        # averaged over "data" (shard_map's varying-axes typing inserts the psum
+        # in the backward pass; a second pmean of the gradients would be wrong).
+        return jax.lax.pmean(loss_fn(params, batch), DATA_AXIS)
+
+    value_and_grad = replica_map(jax.value_and_grad(replica_loss), strategy=strategy)
+
+    def local_init(params):
+        return optimizer.init(params)
+
+    def local_step(params, opt_state, batch):
+        loss, grads = value_and_grad(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        mean_loss = jax.lax.pmean(jnp.mean(loss), REPLICA_AXIS)
+        return optax.apply_updates(params, updates), opt_state, mean_loss
+
+    init = jax.jit(
+        jax.shard_map(local_init, mesh=mesh, in_specs=P(REPLICA_AXIS), out_specs=state_spec)
+    )
+    step = jax.jit(
+        jax.shard_map(
+            local_step,
+            mesh=mesh,
+            in_specs=(P(REPLICA_AXIS), state_spec, P(REPLICA_AXIS, DATA_AXIS)),
+            out_specs=(P(REPLICA_AXIS), state_spec, P()),
+        )
+    )
+    return init, step
+
+
+# --------------------------------------------------------------------------- multi-host
+
+
+def _env(*names):
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return name, value
+    return None, None
+
+
+def _env_int(names):
+    name, value = _env(*names)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer.") from None
+
+
+def initialize_distributed(
+    *,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    auto: bool | None = None,
+    **kwargs,
+) -> bool:
+    """Starts ``jax.distributed`` for a multi-process run; a no-op on one process.
+
+    Where the values come from (first found):
+
+    * the arguments;
+    * ``FLATJAX_COORDINATOR`` (``host:port`` of process 0),
+      ``FLATJAX_NUM_PROCESSES``, ``FLATJAX_PROCESS_ID``;
+    * JAX's ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``.
+
+    With none of them (and ``auto`` off) the run is single-process and
+    nothing happens. ``auto=True`` (or ``FLATJAX_DISTRIBUTED=auto``) calls
+    ``jax.distributed.initialize()`` without arguments, so JAX detects the
+    cluster itself: Cloud TPU pod slices, SLURM, Open MPI, Kubernetes. A
+    single-host Cloud TPU VM needs nothing. Call it first, before any other
+    JAX call (it must precede the first use of the devices).
+
+    Args:
+      coordinator_address: ``host:port`` of process 0's coordinator.
+      num_processes: number of processes (>= 1).
+      process_id: this process's index in [0, num_processes).
+      auto: let JAX auto-detect the cluster (None: ``FLATJAX_DISTRIBUTED``).
+      **kwargs: passed to ``jax.distributed.initialize`` (e.g.
+        ``local_device_ids``, ``initialization_timeout``).
+
+    Returns:
+      True if ``jax.distributed`` was initialised by this call, False for a
+      single process or when it already was.
+
+    Raises:
+      ValueError: an incomplete or inconsistent setting (e.g. 2 processes
+        without a coordinator address, a process id out of range).
+
+    Example:
+      >>> import flatjax
+      >>> flatjax.initialize_distributed()  # no environment: one process
+      False
+    """
+    if jax.distributed.is_initialized():
+        return False
+    if auto is None:
+        auto_name, auto_value = _env("FLATJAX_DISTRIBUTED")
+        if auto_value not in (None, "auto", "0", "off"):
+            raise ValueError(
+                f"FLATJAX_DISTRIBUTED must be 'auto' or unset, got {auto_value!r}."
+            )
+        auto = auto_value == "auto"
+    if coordinator_address is None:
+        coordinator_address = _env("FLATJAX_COORDINATOR", "JAX_COORDINATOR_ADDRESS")[1]
+    if num_processes is None:
+        num_processes = _env_int(("FLATJAX_NUM_PROCESSES", "JAX_NUM_PROCESSES"))
+    if process_id is None:
+        process_id = _env_int(("FLATJAX_PROCESS_ID", "JAX_PROCESS_ID"))
+    given = (coordinator_address, num_processes, process_id)
+    if all(v is None for v in given):
+        if auto:
+            jax.distributed.initialize(**kwargs)
+            return True
+        return False
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}.")
+    if num_processes == 1 and process_id in (None, 0):
+        return False
+    missing = [
+        name
+        for name, value in zip(
+            ("coordinator_address (FLATJAX_COORDINATOR)", "num_processes (FLATJAX_NUM_PROCESSES)",
+             "process_id (FLATJAX_PROCESS_ID)"),
+            given,
+            strict=True,
+        )
+        if value is None
+    ]
+    if missing and not auto:
+        raise ValueError(
+            f"incomplete multi-process setting: got coordinator_address={coordinator_address!r}, "
+            f"num_processes={num_processes!r}, process_id={process_id!r}; also set "
+            f"{', '.join(missing)}, or pass auto=True to let JAX detect the cluster."
+        )
+    if num_processes is not None and process_id is not None and not (
+        0 <= process_id < num_processes
+    ):
+        raise ValueError(
+            f"process_id must be in [0, {num_processes}), got {process_id}."
+        )
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        **kwargs,
+    )
+    return True

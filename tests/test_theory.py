@@ -1,0 +1,341 @@
+"""Gaussian mixture theory: exact errors against Monte Carlo, known limits, estimators."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flatjax import theory
+
+
+def _unit(v):
+    v = np.asarray(v, np.float64)
+    return v / np.linalg.norm(v)
+
+
+def _classifier_with_overlap(v, m, seed=0):
+    """A unit vector w with w·v = m."""
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=v.shape)
+    u -= (u @ v) * v
+    return m * v + math.sqrt(1 - m * m) * _unit(u)
+
+
+# --------------------------------------------------------------------------- exact errors
+
+
+@pytest.mark.parametrize(
+    "rho, bias, overlap",
+    [(0.5, 0.0, 0.6), (0.5, 0.0, -0.4), (0.25, 0.4, 0.7), (0.25, -0.6, 0.3), (0.8, 0.5, -0.5)],
+)
+def test_generalization_error_matches_monte_carlo(rho, bias, overlap):
+    dim, delta, n = 20, 1.5, 200_000
+    v = theory.teacher_direction(jax.random.key(0), dim)
+    w = 3.0 * _classifier_with_overlap(np.asarray(v, np.float64), overlap)
+    x, y = theory.sample_mixture(jax.random.key(1), v, n, delta=delta, rho=rho)
+    mc = float(jnp.mean(jnp.sign(x @ jnp.asarray(w, jnp.float32) + bias) != y))
+    exact = float(theory.generalization_error(w, bias, v, delta=delta, rho=rho))
+    assert abs(mc - exact) < 4 * math.sqrt(exact * (1 - exact) / n) + 1e-4
+    assert abs(float(jnp.mean(y == 1)) - rho) < 4 * math.sqrt(rho * (1 - rho) / n)
+
+
+def test_generalization_error_sign_conventions():
+    v = jnp.array([1.0, 0.0, 0.0])
+    h = lambda u: 0.5 * math.erfc(u / math.sqrt(2))
+    # The cluster direction itself: H(1/√Δ); its opposite: 1 − H(1/√Δ).
+    assert float(theory.generalization_error(v, 0.0, v, delta=4.0)) == pytest.approx(h(0.5))
+    assert float(theory.generalization_error(-v, 0.0, v, delta=4.0)) == pytest.approx(1 - h(0.5))
+    # A huge positive bias says +1 always: error 1 − ρ.
+    assert float(theory.generalization_error(v, 1e6, v, rho=0.25)) == pytest.approx(0.75)
+    assert float(theory.generalization_error(v, -1e6, v, rho=0.25)) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.5, 1e3])
+def test_errors_are_invariant_to_positive_rescaling(scale):
+    data = theory.gaussian_mixture(jax.random.key(3), dim=30, alpha=2.0, rho=0.3)
+    w = theory.hebbian(data.x, data.y)
+    b = 0.2
+    eg = theory.generalization_error(w, b, data.v, rho=0.3)
+    assert float(theory.generalization_error(scale * w, scale * b, data.v, rho=0.3)) == (
+        pytest.approx(float(eg), rel=1e-5)
+    )
+    # The norm of w alone (b = 0) does not matter either.
+    assert float(theory.generalization_error(scale * w, 0.0, data.v)) == pytest.approx(
+        float(theory.generalization_error(w, 0.0, data.v)), rel=1e-5
+    )
+    assert float(theory.training_error(scale * w, scale * b, data.x, data.y)) == float(
+        theory.training_error(w, b, data.x, data.y)
+    )
+    le = theory.classifier_local_energy(w, b, data.x, data.y, [0.1, 0.3])
+    le_scaled = theory.classifier_local_energy(scale * w, scale * b, data.x, data.y, [0.1, 0.3])
+    np.testing.assert_allclose(le_scaled, le, atol=1e-5)
+    p = {"w": w, "b": jnp.asarray(b)}
+    ps = {"w": scale * w, "b": jnp.asarray(scale * b)}
+    assert float(theory.smoothed_error(ps, data.x, data.y, 0.5)) == pytest.approx(
+        float(theory.smoothed_error(p, data.x, data.y, 0.5)), rel=1e-5
+    )
+
+
+def test_bayes_optimal_error_closed_forms():
+    for alpha, delta in [(0.5, 1.0), (2.0, 1.0), (3.0, 0.5)]:
+        balanced = 0.5 * math.erfc(math.sqrt(alpha / (delta * (alpha + delta))) / math.sqrt(2))
+        assert theory.bayes_optimal_error(alpha, delta) == pytest.approx(balanced)
+    # The paper's numbers at Δ = 1.
+    assert [round(theory.bayes_optimal_error(a), 3) for a in (0.5, 2.0, 5.0)] == [
+        0.282, 0.207, 0.181
+    ]
+    # Unbalanced: never worse than predicting the majority class, and the
+    # optimal bias minimises ε_g over b for a direction of overlap m.
+    for rho in (0.1, 0.25, 0.7):
+        assert theory.bayes_optimal_error(1.0, 1.0, rho) < min(rho, 1 - rho)
+        m = theory.bayes_optimal_overlap(1.0, 1.0)
+        v = np.eye(8)[0]
+        w = _classifier_with_overlap(v, m)
+        grid = np.linspace(-3, 3, 601)
+        errs = [float(theory.generalization_error(w, b, v, rho=rho)) for b in grid]
+        assert theory.bayes_optimal_bias(m, 1.0, rho) == pytest.approx(grid[np.argmin(errs)],
+                                                                       abs=0.011)
+        assert theory.bayes_optimal_error(1.0, 1.0, rho) == pytest.approx(min(errs), abs=1e-5)
+
+
+@pytest.mark.parametrize("alpha, expected", [(0.5, 0.282), (2.0, 0.207), (5.0, 0.181)])
+def test_hebbian_reaches_bayes_optimal_as_n_grows(alpha, expected):
+    assert theory.bayes_optimal_error(alpha) == pytest.approx(expected, abs=6e-4)
+    for dim in (100, 400):
+        errors = []
+        for seed in range(6):
+            data = theory.gaussian_mixture(jax.random.key(seed), dim, alpha)
+            w = theory.hebbian(data.x, data.y)
+            errors.append(float(theory.generalization_error(w, 0.0, data.v)))
+        # Fluctuations and finite-size corrections are O(1/√N).
+        assert abs(np.mean(errors) - expected) < 0.25 / math.sqrt(dim), (dim, np.mean(errors))
+
+
+def test_hebbian_overlap_and_bayes_classifier():
+    data = theory.gaussian_mixture(jax.random.key(0), dim=2000, alpha=1.0, rho=0.25)
+    w, b = theory.bayes_optimal_classifier(data.x, data.y, rho=0.25)
+    m = float(w @ data.v / jnp.linalg.norm(w))
+    assert m == pytest.approx(theory.bayes_optimal_overlap(1.0), abs=0.03)
+    assert float(theory.generalization_error(w, b, data.v, rho=0.25)) == pytest.approx(
+        theory.bayes_optimal_error(1.0, 1.0, 0.25), abs=0.01
+    )
+    np.testing.assert_allclose(
+        theory.hebbian(jnp.array([[1.0, 2.0], [3.0, 1.0]]), jnp.array([1.0, -1.0])), [-1.0, 0.5]
+    )
+
+
+def test_data_are_deterministic_by_key():
+    a = theory.gaussian_mixture(jax.random.key(7), dim=10, alpha=0.5, rho=0.3)
+    b = theory.gaussian_mixture(jax.random.key(7), dim=10, alpha=0.5, rho=0.3)
+    c = theory.gaussian_mixture(jax.random.key(8), dim=10, alpha=0.5, rho=0.3)
+    np.testing.assert_array_equal(a.x, b.x)
+    assert not np.array_equal(a.x, c.x)
+    assert a.x.shape == (5, 10)
+    assert float(jnp.linalg.norm(a.v)) == pytest.approx(1.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- local energy
+
+
+@pytest.mark.parametrize("energy", ["error", "logistic", "square", "hinge"])
+@pytest.mark.parametrize("noise", ["multiplicative", "additive"])
+def test_local_energy_matches_monte_carlo(energy, noise):
+    data = theory.gaussian_mixture(jax.random.key(0), dim=10, alpha=3.0, rho=0.4)
+    w = theory.hebbian(data.x, data.y)
+    b, sigma, draws = 0.3, 0.3, 20_000
+    exact = float(theory.classifier_local_energy(
+        w, b, data.x, data.y, [sigma], energy=energy, noise=noise)[0])
+    kz, kb = jax.random.split(jax.random.key(1))
+    zw = jax.random.normal(kz, (draws, w.shape[0]))
+    zb = jax.random.normal(kb, (draws,))
+    if noise == "multiplicative":
+        ws, bs = w * (1 + sigma * zw), b * (1 + sigma * zb)
+    else:
+        ws, bs = w + sigma * zw, b + sigma * zb
+    margins = data.y * (ws @ data.x.T + bs[:, None])
+    if energy == "error":
+        values, base = jnp.mean(margins <= 0, axis=1), theory.training_error(w, b, data.x, data.y)
+    else:
+        values = jnp.mean(theory.LOSSES[energy](margins), axis=1)
+        base = theory.margin_loss({"w": w, "b": jnp.asarray(b)}, data.x, data.y, energy)
+    mc = values - base
+    assert exact == pytest.approx(float(mc.mean()), abs=4 * float(mc.std()) / math.sqrt(draws))
+
+
+def test_local_energy_at_zero_noise_is_zero():
+    data = theory.gaussian_mixture(jax.random.key(0), dim=10, alpha=3.0)
+    w = theory.hebbian(data.x, data.y)
+    np.testing.assert_allclose(
+        theory.classifier_local_energy(w, 0.0, data.x, data.y, [0.0], energy="logistic"), [0.0]
+    )
+    assert float(theory.classifier_local_energy(w, 0.0, data.x, data.y, [0.0])[0]) == 0.0
+
+
+def test_smoothed_error_tends_to_training_error():
+    data = theory.gaussian_mixture(jax.random.key(0), dim=10, alpha=3.0)
+    w = theory.hebbian(data.x, data.y)
+    p = {"w": w, "b": jnp.zeros(())}
+    assert float(theory.smoothed_error(p, data.x, data.y, 1e-4)) == pytest.approx(
+        float(theory.training_error(w, 0.0, data.x, data.y)), abs=1e-6
+    )
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+def _separable(seed=0):
+    """Well separated clusters (Δ small): linearly separable with a wide margin."""
+    return theory.gaussian_mixture(jax.random.key(seed), dim=10, alpha=2.0, delta=0.02)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_erm_square_is_the_ridge_normal_equation(bias):
+    data = theory.gaussian_mixture(jax.random.key(0), dim=8, alpha=3.0, rho=0.3)
+    x, y = np.asarray(data.x, np.float64), np.asarray(data.y, np.float64)
+    w, b = theory.erm(x, y, loss="square", ridge=0.5, bias=bias)
+    w, b = np.asarray(w, np.float64), float(b)
+    r = y - x @ w - b  # gradient of (1/2P)Σ r² + (λ/2)‖w‖² vanishes
+    np.testing.assert_allclose(-x.T @ r / len(y) + 0.5 * w, 0.0, atol=1e-5)
+    if bias:
+        assert abs(r.mean()) < 1e-5
+
+
+def test_erm_square_without_ridge_interpolates_below_p_equals_n():
+    data = theory.gaussian_mixture(jax.random.key(0), dim=20, alpha=0.5)
+    w, b = theory.erm(data.x, data.y, loss="square")
+    np.testing.assert_allclose(data.x @ w, data.y, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_erm_logistic_with_ridge_is_stationary(bias):
+    data = theory.gaussian_mixture(jax.random.key(0), dim=8, alpha=3.0, rho=0.3)
+    w, b = theory.erm(data.x, data.y, loss="logistic", ridge=0.1, bias=bias)
+    params = {"w": w, "b": b}
+
+    def objective(p):
+        return theory.margin_loss(p, data.x, data.y, "logistic") + 0.05 * p["w"] @ p["w"]
+
+    g = jax.grad(objective)(params)
+    assert float(jnp.linalg.norm(g["w"])) < 1e-4
+    if bias:
+        assert abs(float(g["b"])) < 1e-4
+
+
+def test_erm_logistic_and_max_margin_separate_separable_data():
+    data = _separable()
+    w, b = theory.erm(data.x, data.y, loss="logistic")
+    assert float(theory.training_error(w, b, data.x, data.y)) == 0.0
+    wm, bm = theory.max_margin(data.x, data.y, bias=True)
+    assert float(theory.training_error(wm, bm, data.x, data.y)) == 0.0
+    # The max-margin direction has the largest smallest normalised margin.
+    kappa = lambda w, b: float(jnp.min(data.y * (data.x @ w + b)) / jnp.linalg.norm(w))
+    wh = theory.hebbian(data.x, data.y)
+    assert kappa(wm, bm) >= kappa(w, b) - 1e-3
+    assert kappa(wm, bm) >= kappa(wh, 0.0) - 1e-3
+
+
+def test_max_margin_raises_on_non_separable_data():
+    x = jnp.array([[1.0], [1.0]])
+    with pytest.raises(ValueError, match="not linearly separable"):
+        theory.max_margin(x, jnp.array([1.0, -1.0]))
+
+
+def test_erm_hinge_with_large_ridge_is_hebbian():
+    # For λ large every hinge is active: w = (1/λP) Σ y x, the Hebbian direction.
+    data = theory.gaussian_mixture(jax.random.key(0), dim=10, alpha=2.0)
+    w, _ = theory.erm(data.x, data.y, loss="hinge", ridge=1e3)
+    wh = theory.hebbian(data.x, data.y)
+    assert float(w @ wh / (jnp.linalg.norm(w) * jnp.linalg.norm(wh))) > 0.999
+
+
+def test_select_ridge_uses_a_held_out_split():
+    data = theory.gaussian_mixture(jax.random.key(0), dim=20, alpha=2.0)
+    w, b, lam = theory.select_ridge(jax.random.key(1), data.x, data.y, loss="square",
+                                    ridges=[0.01, 10.0])
+    assert lam in (0.01, 10.0)
+    np.testing.assert_allclose(w, theory.erm(data.x, data.y, loss="square", ridge=lam)[0])
+    fit, val = theory.train_validation_split(jax.random.key(1), 40, 0.25)
+    assert len(val) == 10 and not set(fit) & set(val) and len(fit) + len(val) == 40
+
+
+@pytest.mark.parametrize("loss", ["logistic", "error"])
+@pytest.mark.parametrize("fit", [theory.replicated_sgd_fit, theory.entropy_sgd_fit])
+def test_flat_estimators_learn_a_finite_better_than_chance_classifier(fit, loss):
+    data = theory.gaussian_mixture(jax.random.key(0), dim=20, alpha=4.0, rho=0.4)
+    lr = {"learning_rate": 0.02} if fit is theory.replicated_sgd_fit and loss == "error" else {}
+    w, b = fit(jax.random.key(1), data.x, data.y, loss=loss, temperature=0.5, bias=True,
+               num_steps=40, batch_size=16, **lr)
+    assert bool(jnp.all(jnp.isfinite(w))) and bool(jnp.isfinite(b))
+    assert float(theory.generalization_error(w, b, data.v, rho=0.4)) < 0.3  # chance: 0.4
+
+
+@pytest.mark.parametrize("fit", [theory.replicated_sgd_fit, theory.entropy_sgd_fit])
+def test_flat_estimators_use_only_the_first_num_points_rows_and_vmap(fit):
+    data = theory.gaussian_mixture(jax.random.key(0), dim=10, alpha=3.0)
+    x2 = data.x.at[20:].set(100.0)  # rows past num_points must not matter
+    run = lambda x: fit(jax.random.key(1), x, data.y, num_steps=10, batch_size=8, num_points=20)
+    np.testing.assert_allclose(run(data.x)[0], run(x2)[0])
+    batched = jax.vmap(lambda x, n: fit(jax.random.key(1), x, data.y, num_steps=10,
+                                        batch_size=8, num_points=n))
+    ws, _ = batched(jnp.stack([data.x, x2]), jnp.array([20, 20]))
+    np.testing.assert_allclose(ws[0], ws[1], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- errors
+
+KEY = jax.random.key(0)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: theory.gaussian_mixture(KEY, 10, 0.0), "alpha"),
+        (lambda: theory.gaussian_mixture(KEY, 10, -1.0), "alpha"),
+        (lambda: theory.gaussian_mixture(KEY, 10, 1.0, delta=0.0), "delta"),
+        (lambda: theory.gaussian_mixture(KEY, 10, 1.0, rho=0.0), "rho"),
+        (lambda: theory.gaussian_mixture(KEY, 10, 1.0, rho=1.0), "rho"),
+        (lambda: theory.gaussian_mixture(KEY, 0, 1.0), "dim"),
+        (lambda: theory.gaussian_mixture(KEY, 2.5, 1.0), "dim"),
+        (lambda: theory.teacher_direction(KEY, 0), "dim"),
+        (lambda: theory.sample_mixture(KEY, jnp.ones(3), 0), "num_samples"),
+        (lambda: theory.sample_mixture(KEY, jnp.ones((3, 3)), 2), "vector"),
+        (lambda: theory.bayes_optimal_error(0.0), "alpha"),
+        (lambda: theory.bayes_optimal_error(1.0, -1.0), "delta"),
+        (lambda: theory.bayes_optimal_error(1.0, 1.0, 1.5), "rho"),
+        (lambda: theory.bayes_optimal_bias(0.0), "overlap"),
+        (lambda: theory.generalization_error(jnp.ones(3), 0.0, jnp.ones(3), delta=0.0), "delta"),
+        (lambda: theory.generalization_error(jnp.ones(3), 0.0, jnp.ones(3), rho=-0.1), "rho"),
+        (lambda: theory.generalization_error(jnp.ones(3), 0.0, jnp.ones(4)), "shape"),
+        (lambda: theory.hebbian(jnp.ones((3, 2)), jnp.ones(2)), "shape"),
+        (lambda: theory.hebbian(jnp.ones((2, 2)), jnp.array([1.0, 0.0])), "labels"),
+        (lambda: theory.erm(jnp.ones((2, 2)), jnp.ones(2), loss="cubic"), "loss"),
+        (lambda: theory.erm(jnp.ones((2, 2)), jnp.ones(2), loss="square", ridge=-1.0), "ridge"),
+        (lambda: theory.select_ridge(KEY, jnp.ones((4, 2)), jnp.ones(4), loss="square",
+                                     ridges=[]), "ridges"),
+        (lambda: theory.train_validation_split(KEY, 4, 1.0), "validation_fraction"),
+        (lambda: theory.train_validation_split(KEY, 1, 0.5), "hold out"),
+        (lambda: theory.margin_loss({"w": jnp.ones(1), "b": 0.0}, jnp.ones((1, 1)),
+                                    jnp.ones(1), "cubic"), "loss"),
+        (lambda: theory.classifier_local_energy(jnp.ones(1), 0.0, jnp.ones((1, 1)),
+                                                jnp.ones(1), [0.1], energy="x"), "energy"),
+        (lambda: theory.classifier_local_energy(jnp.ones(1), 0.0, jnp.ones((1, 1)),
+                                                jnp.ones(1), [0.1], noise="x"), "noise"),
+        (lambda: theory.classifier_local_energy(jnp.ones(1), 0.0, jnp.ones((1, 1)),
+                                                jnp.ones(1), [-0.1]), "sigmas"),
+        (lambda: theory.replicated_sgd_fit(KEY, jnp.ones((4, 2)), jnp.ones(4), loss="x"), "loss"),
+        (lambda: theory.replicated_sgd_fit(KEY, jnp.ones((4, 2)), jnp.ones(4), loss="error",
+                                           temperature=0.0), "temperature"),
+        (lambda: theory.replicated_sgd_fit(KEY, jnp.ones((4, 2)), jnp.ones(3)), "expected"),
+        (lambda: theory.replicated_sgd_fit(KEY, jnp.ones((4, 2)), jnp.ones(4), num_steps=0),
+         "num_steps"),
+        (lambda: theory.entropy_sgd_fit(KEY, jnp.ones((4, 2)), jnp.ones(4), num_points=5),
+         "num_points"),
+        (lambda: theory.entropy_sgd_fit(KEY, jnp.ones((4, 2)), jnp.ones(4), inner_steps=0),
+         "inner_steps"),
+    ],
+)
+def test_bad_arguments_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
