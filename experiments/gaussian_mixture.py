@@ -243,12 +243,11 @@ def summarise(results: dict, cfg: dict) -> dict:
     return out
 
 
-def write_markdown(summary, results, cfg, command, wall, path):
-    lines = [
-        "# Gaussian mixture classification: ε_g of each estimator against ε_BO",
-        "",
-        f"Command: `{command}`  ",
-        f"Wall time: {wall:.0f} s (2 shared CPU cores).  ",
+def write_markdown(summary, results, cfg, runs, path):
+    lines = ["# Gaussian mixture classification: ε_g of each estimator against ε_BO", ""]
+    lines += [f"Command: `.venv/bin/{command}` (under `nice -n 10`), wall time {wall:.0f} s "
+              "(2 CPU cores shared with other jobs).  " for command, wall in runs]
+    lines += [
         f"N = {cfg['dim']}, Δ = {DELTA}, seeds = {cfg['seeds']}, α ∈ {list(cfg['alphas'])}; "
         f"flat estimators: {cfg['num_steps']} steps × 5 minibatch gradients (batch 64).  ",
         "ε_g is the exact test error (formula); entries are mean ± standard error over seeds. "
@@ -313,7 +312,9 @@ def plot(summary, results, cfg, out: pathlib.Path):
             pts = [(a, *s["table"][(a, n)][:2]) for a in cfg["alphas"] if (a, n) in s["table"]]
             a, m, e = np.array(pts).T
             base = np.array([theory.bayes_optimal_error(x, DELTA, res["rho"]) for x in a])
-            style = {"marker": markers[i % len(markers)], "ms": 4, "capsize": 2, "lw": 1,
+            flat = "SGD" in n
+            style = {"marker": markers[i % len(markers)], "ms": 5 if flat else 4, "capsize": 2,
+                     "lw": 2 if flat else 1, "color": plt.get_cmap("tab20")(i % 20),
                      "ls": "--" if "oracle" in n else "-", "label": n}
             axes[0, j].errorbar(a, m, yerr=e, **style)
             axes[1, j].errorbar(a, m - base, yerr=e, **style)
@@ -335,7 +336,8 @@ def plot(summary, results, cfg, out: pathlib.Path):
                     r["eps_g"] - res["bayes_optimal"][str(r["alpha"])])
                    for r in res["records"] if r["estimator"] == n and "local_energy_error" in r]
             le, ex = np.array(pts).T
-            axes[0, j].scatter(le, ex, s=12, marker=markers[i % len(markers)], label=n)
+            axes[0, j].scatter(le, ex, s=12, marker=markers[i % len(markers)], label=n,
+                               color=plt.get_cmap("tab20")(i % 20))
         mean_tau = np.mean([s["taus"][a]["error"][0] for a in cfg["alphas"]])
         axes[0, j].set(xlabel=f"local energy δE_train-error(σ = {SIGMA_REPORTED})",
                        ylabel="ε_g − ε_BO(α)",
@@ -346,28 +348,51 @@ def plot(summary, results, cfg, out: pathlib.Path):
     plt.close(fig)
 
 
+def report(out: pathlib.Path) -> bool:
+    """Writes results.md, results.json and the figures from the raw_<case>.json present.
+
+    Returns False (and writes nothing) until every case has its raw file.
+    """
+    raws = {case: out / f"raw_{case}.json" for case in CASES}
+    if not all(p.exists() for p in raws.values()):
+        return False
+    loaded = {case: json.loads(p.read_text()) for case, p in raws.items()}
+    cfg = next(iter(loaded.values()))["config"]
+    cfg["alphas"] = tuple(cfg["alphas"])
+    results = {case: raw["result"] for case, raw in loaded.items()}
+    summary = summarise(results, cfg)
+    runs = [(raw["command"], raw["wall_seconds"]) for raw in loaded.values()]
+    write_markdown(summary, results, cfg, runs, out / "results.md")
+    plot(summary, results, cfg, out)
+    (out / "results.json").write_text(json.dumps(
+        {"config": cfg, "runs": runs, "results": results}, indent=1))
+    return True
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--case", choices=[*CASES, "all"], default="all",
+                        help="run one case (two processes can share the work)")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
     cfg = get_config(args.quick)
     out = args.out or (OUT / "quick" if args.quick else OUT)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m experiments.gaussian_mixture", *map(shlex.quote, sys.argv[1:])])
-    start = time.time()
-    log = lambda msg: print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)
-    results = {case: run_case(case, cfg, log) for case in CASES}
-    summary = summarise(results, cfg)
-    wall = time.time() - start
-    write_markdown(summary, results, cfg, command, wall, out / "results.md")
-    plot(summary, results, cfg, out)
-    (out / "results.json").write_text(json.dumps(
-        {"config": {**cfg, "delta": DELTA, "ridges": RIDGES, "couplings": COUPLINGS,
-                    "coupling_factor": COUPLING_FACTOR, "sigmas": SIGMAS,
-                    "validation_fraction": VALIDATION_FRACTION},
-         "command": command, "wall_seconds": wall, "results": results}, indent=1))
-    log(f"wrote {out}")
+    cases = list(CASES) if args.case == "all" else [args.case]
+    for case in cases:
+        start = time.time()
+        log = lambda msg, start=start: print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)
+        result = run_case(case, cfg, log)
+        (out / f"raw_{case}.json").write_text(json.dumps(
+            {"config": {**cfg, "delta": DELTA, "ridges": RIDGES, "couplings": COUPLINGS,
+                        "coupling_factor": COUPLING_FACTOR, "sigmas": SIGMAS,
+                        "validation_fraction": VALIDATION_FRACTION},
+             "command": command, "wall_seconds": time.time() - start, "result": result}))
+        log(f"wrote raw_{case}.json")
+    if report(out):
+        print(f"wrote {out / 'results.md'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,6 @@ from flatjax._distributed import (
     shard_train_step,
     train_state_sharding,
 )
+
+# --- theory (issue 6): the Gaussian mixture model, a public submodule ---
+from flatjax import theory

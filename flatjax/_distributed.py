@@ -436,13 +436,20 @@ def process_batch_slice(mesh: Mesh, layout: str, global_shape: Sequence[int]) ->
     """
     sharding = batch_sharding(mesh, layout)
     global_shape = tuple(int(s) for s in global_shape)
-    indices = sharding.addressable_devices_indices_map(global_shape).values()
-    out = []
-    for axis, size in enumerate(global_shape):
-        starts = [idx[axis].indices(size)[0] for idx in indices]
-        stops = [idx[axis].indices(size)[1] for idx in indices]
-        out.append(slice(min(starts), max(stops)))
-    return tuple(out)
+    indices = list(sharding.addressable_devices_indices_map(global_shape).values())
+    bounds = [[idx[axis].indices(size)[:2] for idx in indices]
+              for axis, size in enumerate(global_shape)]
+    out = tuple(slice(min(b[0] for b in axis), max(b[1] for b in axis)) for axis in bounds)
+    # The union of this process's shards must be the box ``out`` (a contiguous slice).
+    shards = {tuple(b[i] for b in bounds) for i in range(len(indices))}
+    shard_size = int(np.prod([stop - start for start, stop in next(iter(shards))]))
+    if len(shards) * shard_size != int(np.prod([s.stop - s.start for s in out])):
+        raise ValueError(
+            f"process {jax.process_index()}'s devices hold non-contiguous parts of the batch "
+            f"{global_shape}; build the mesh with flatjax.make_mesh over jax.devices() "
+            "(ordered by process)."
+        )
+    return out
 
 
 def host_batch_to_global(

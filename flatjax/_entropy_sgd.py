@@ -106,6 +106,40 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def _is_finite(x) -> bool:
+    return _is_real(x) and math.isfinite(x)
+
+
+def _check_float_params(params, fn: str) -> None:
+    """Langevin noise and elastic pulls are meaningless on integer leaves: reject them."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise TypeError(
+                f"{fn} needs floating-point params; params{jax.tree_util.keystr(path)} has "
+                f"dtype {jnp.result_type(leaf)}."
+            )
+
+
+def _check_grads(grads, params, what: str) -> None:
+    """Gradients must match the params leaf by leaf: a mismatch would broadcast silently."""
+    g_def, p_def = jax.tree.structure(grads), jax.tree.structure(params)
+    if g_def != p_def:
+        raise ValueError(
+            f"{what} must have the tree structure of params; got {g_def}, expected {p_def}."
+        )
+    for path, g, p in zip(
+        (path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]),
+        jax.tree.leaves(grads),
+        jax.tree.leaves(params),
+        strict=True,
+    ):
+        if jnp.shape(g) != jnp.shape(p):
+            raise ValueError(
+                f"{what}{jax.tree_util.keystr(path)} has shape {jnp.shape(g)}; the params "
+                f"leaf has shape {jnp.shape(p)}."
+            )
+
+
 class _EntropySGD:
     """The shared core: validated hyperparameters, the Langevin step, the outer step.
 
@@ -132,16 +166,17 @@ class _EntropySGD:
         if inner_steps < 1:
             raise ValueError(f"inner_steps (L) must be >= 1, got {inner_steps}.")
         if _is_real(coupling):
-            if not coupling >= 0:
-                raise ValueError(f"coupling (γ) must be >= 0, got {coupling!r}.")
+            if not math.isfinite(coupling) or not coupling >= 0:
+                raise ValueError(f"coupling (γ) must be a finite number >= 0, got {coupling!r}.")
             value = float(coupling)
             coupling_fn = lambda count: jnp.full((), value, jnp.float32)
         elif callable(coupling):
             coupling_fn = lambda count: jnp.asarray(coupling(count), jnp.float32)
             value = float(coupling_fn(0))
-            if not value >= 0:
+            if not math.isfinite(value) or not value >= 0:
                 raise ValueError(
-                    f"coupling (γ) must be >= 0; the schedule gives γ(0) = {value}."
+                    f"coupling (γ) must be a finite number >= 0; the schedule gives "
+                    f"γ(0) = {value}."
                 )
         else:
             raise TypeError(
@@ -152,19 +187,21 @@ class _EntropySGD:
                 "calibrate_coupling=True rescales the coupling so that γ_0 matches the "
                 f"calibration; it needs coupling(0) > 0, got {value}."
             )
-        if not _is_real(inner_learning_rate) or not inner_learning_rate > 0:
+        if not _is_finite(inner_learning_rate) or not inner_learning_rate > 0:
             raise ValueError(
-                f"inner_learning_rate (η′) must be a number > 0, got {inner_learning_rate!r}."
+                "inner_learning_rate (η′) must be a finite number > 0, "
+                f"got {inner_learning_rate!r}."
             )
-        if not _is_real(noise) or not noise >= 0:
-            raise ValueError(f"noise (ε) must be a number >= 0, got {noise!r}.")
+        if not _is_finite(noise) or not noise >= 0:
+            raise ValueError(f"noise (ε) must be a finite number >= 0, got {noise!r}.")
         if not _is_real(average_weight) or not 0 <= average_weight < 1:
             raise ValueError(
                 f"average_weight (α) must be in [0, 1), got {average_weight!r}."
             )
-        if not _is_real(inner_weight_decay) or not inner_weight_decay >= 0:
+        if not _is_finite(inner_weight_decay) or not inner_weight_decay >= 0:
             raise ValueError(
-                f"inner_weight_decay (λ′) must be a number >= 0, got {inner_weight_decay!r}."
+                "inner_weight_decay (λ′) must be a finite number >= 0, "
+                f"got {inner_weight_decay!r}."
             )
         if not _is_real(inner_momentum) or not 0 <= inner_momentum < 1:
             raise ValueError(f"inner_momentum must be in [0, 1), got {inner_momentum!r}.")
@@ -185,6 +222,7 @@ class _EntropySGD:
         self.seed = int(seed)
 
     def init_state(self, params, stepwise: bool) -> EntropySGDState:
+        _check_float_params(params, "entropy_sgd_stepwise" if stepwise else "entropy_sgd")
         gamma0 = jnp.zeros((), jnp.float32) if self.calibrate else self.coupling_fn(0)
         return EntropySGDState(
             count=jnp.zeros((), jnp.int32),
@@ -243,12 +281,16 @@ def _defaults_outer(learning_rate, momentum, nesterov, weight_decay, outer_optim
         return optax.with_extra_args_support(outer_optimizer)
     if learning_rate is None:
         raise ValueError("learning_rate (η, outer step) is required without outer_optimizer.")
-    if _is_real(learning_rate) and not learning_rate > 0:
-        raise ValueError(f"learning_rate (η) must be > 0, got {learning_rate!r}.")
+    if not _is_real(learning_rate) and not callable(learning_rate):
+        raise TypeError(
+            f"learning_rate (η) must be a number or an Optax schedule, got {learning_rate!r}."
+        )
+    if _is_real(learning_rate) and not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate (η) must be a finite number > 0, got {learning_rate!r}.")
     if not _is_real(momentum) or not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
-    if not _is_real(weight_decay) or not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}.")
+    if not _is_finite(weight_decay) or not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}.")
     sgd = optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov and momentum > 0)
     if weight_decay > 0:
         return optax.chain(optax.add_decayed_weights(weight_decay), sgd)
@@ -278,6 +320,7 @@ def _scan_transform(core: _EntropySGD) -> optax.GradientTransformationExtraArgs:
                 loss_sum = loss_sum + jnp.asarray(loss, jnp.float32)
             else:
                 grads = out
+            _check_grads(grads, walker, "grad_fn(params, i)")
             walker, average, inner_state, key = core.langevin_step(
                 grads, walker, params, average, inner_state, key, state.coupling
             )
@@ -315,6 +358,7 @@ def _stepwise_transform(core: _EntropySGD) -> optax.GradientTransformationExtraA
                 "calibrate_coupling=True needs the minibatch loss: "
                 "update(grads, state, params, value=loss)."
             )
+        _check_grads(updates, params, "updates")
         # The first inner step starts exactly at the anchor, not at params ≈ x.
         walker = _where(state.inner_count == 0, state.anchor, params)
         walker, average, inner_state, key = core.langevin_step(

@@ -53,7 +53,10 @@ _METRICS = ("error", "loss")
 _PERTURB_PRESETS = ("all", "no_bias_bn")
 # Work budget of one vectorised chunk of local-energy draws, in units of
 # (parameters × examples), i.e. roughly multiply-adds of a dense forward pass.
-_CHUNK_WORK_BUDGET = 2**30
+# On CPU larger chunks spill the batched activations out of cache (measured:
+# experiments/benchmarks/local_energy_bench.py); accelerators want wide vmaps.
+_CHUNK_WORK_BUDGET = {"cpu": 2**26}
+_CHUNK_WORK_BUDGET_ACCELERATOR = 2**30
 # Budget for the perturbed parameter copies alive at once (floats).
 _CHUNK_PARAM_BUDGET = 2**28
 
@@ -360,11 +363,14 @@ def _default_chunk_size(num_params: int, examples_per_pass: int, total: int) -> 
     """Draws evaluated together by one ``vmap``.
 
     Heuristic: a chunk's work per forward pass, ``chunk × params × batch``
-    (≈ multiply-adds of a dense network), stays under 2³⁰, and the perturbed
-    parameter copies ``chunk × params`` under 2²⁸ floats (1 GiB in float32).
+    (≈ multiply-adds of a dense network), stays under 2²⁶ on CPU (larger
+    chunks spill the batched activations out of cache) and 2³⁰ on GPU/TPU,
+    and the perturbed parameter copies ``chunk × params`` under 2²⁸ floats
+    (1 GiB in float32).
     """
     num_params = max(num_params, 1)
-    by_work = _CHUNK_WORK_BUDGET // (num_params * max(examples_per_pass, 1))
+    budget = _CHUNK_WORK_BUDGET.get(jax.default_backend(), _CHUNK_WORK_BUDGET_ACCELERATOR)
+    by_work = budget // (num_params * max(examples_per_pass, 1))
     by_memory = _CHUNK_PARAM_BUDGET // num_params
     return int(max(1, min(total, by_work, by_memory)))
 
@@ -502,9 +508,10 @@ def local_energy(
       metric: ``"error"`` (percent misclassified) or ``"loss"``.
       batch_size: examples per forward pass.
       chunk_size: draws evaluated together by one ``vmap``. Default: the
-        largest chunk with ``chunk × params × batch_size ≤ 2³⁰`` (work of a
-        dense forward pass) and ``chunk × params ≤ 2²⁸``; lower it if memory
-        runs out (e.g. convolutional nets with large activations).
+        largest chunk with ``chunk × params × batch_size`` (work of a dense
+        forward pass) ≤ 2²⁶ on CPU, 2³⁰ on GPU/TPU, and ``chunk × params ≤
+        2²⁸``; lower it if memory runs out (e.g. convolutional nets with
+        large activations), raise it to fill a large accelerator.
       perturb: ``"all"`` (default), ``"no_bias_bn"`` (skip biases and
         normalisation scale/shift, i.e. leaves named ``bias``/``scale``) or a
         predicate ``(path: tuple[str, ...], leaf) -> bool``.
@@ -912,6 +919,10 @@ def local_entropy(
       rung averages (propagated through the trapezoid weights) and the
       anchor's delta-method error; it assumes burn-in reached equilibrium and
       leaves out the quadrature error (raise ``num_rungs`` to check it).
+
+    Cost: ``num_rungs × num_chains × num_steps`` gradient evaluations plus
+    ``num_anchor_samples`` losses, all in one jitted call (rungs run one after
+    the other, chains vmapped).
 
     The Gibbs measure is exp(−L) at temperature 1 with L = ``loss_fn``: for a
     network, pass the loss at the scale you mean (e.g. n × mean cross-entropy,

@@ -27,6 +27,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, NamedTuple
@@ -90,6 +91,9 @@ def _is_schedule(x) -> bool:
 def _check_nonnegative_hparam(name: str, value, *, positive: bool = False) -> None:
     """Checks a float or schedule hyperparameter eagerly (a schedule at step 0)."""
     at_zero = value(0) if _is_schedule(value) else value
+    # Strings and bools would pass float(); only numbers (or 0-d arrays) are accepted.
+    if isinstance(at_zero, (str, bytes, bool)):
+        at_zero = None
     try:
         v = float(at_zero)
     except (TypeError, ValueError):
@@ -98,10 +102,12 @@ def _check_nonnegative_hparam(name: str, value, *, positive: bool = False) -> No
             f"got {value!r}."
         ) from None
     bad = not v > 0 if positive else not v >= 0
+    where = " (the schedule's value at step 0)" if _is_schedule(value) else ""
     if bad:
         what = "positive" if positive else ">= 0"
-        where = " (the schedule's value at step 0)" if _is_schedule(value) else ""
         raise ValueError(f"{name} must be {what}; got {v!r}{where}.")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite; got {v!r}{where}.")
 
 
 def _bound_axis_size(axis_name) -> int | None:
@@ -139,6 +145,32 @@ def _check_replica_axis(tree, expected: int, what: str) -> None:
             raise ValueError(
                 f"{what}{jax.tree_util.keystr(path)} has {found}; every leaf needs a "
                 f"leading replica axis of size {expected}."
+            )
+
+
+def _check_float_leaves(tree, what: str) -> None:
+    """Elastic pulls towards a mean are meaningless on integer leaves: reject them."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise TypeError(
+                f"replicate needs floating-point params; {what}{jax.tree_util.keystr(path)} "
+                f"has dtype {jnp.result_type(leaf)}."
+            )
+
+
+def _check_same_tree(updates, params) -> None:
+    """updates must match params leaf by leaf: a mismatch would broadcast silently."""
+    u_def, p_def = jax.tree.structure(updates), jax.tree.structure(params)
+    if u_def != p_def:
+        raise ValueError(
+            f"updates must have the tree structure of params; got {u_def}, expected {p_def}."
+        )
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for path, u, p in zip(paths, jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
+        if jnp.shape(u) != jnp.shape(p):
+            raise ValueError(
+                f"updates{jax.tree_util.keystr(path)} has shape {jnp.shape(u)}; the params "
+                f"leaf has shape {jnp.shape(p)}."
             )
 
 
@@ -309,6 +341,7 @@ def replicate(
 
     def init_fn(params):
         _check_replica_axis(params, _local_size(num_replicas, axis_name), "params")
+        _check_float_leaves(params, "params")
         mean = _tree_mean(params, axis_name)
         if center_optimizer is None:
             center, center_state = optax.EmptyState(), optax.EmptyState()
@@ -332,7 +365,7 @@ def replicate(
             raise ValueError("replicate needs params: call update(grads, state, params).")
         local = _local_size(num_replicas, axis_name)
         _check_replica_axis(params, local, "params")
-        _check_replica_axis(updates, local, "updates")
+        _check_same_tree(updates, params)
         gamma = applied_coupling(state.count)
         center = _tree_mean(params, axis_name) if center_optimizer is None else state.center
         diff = jax.tree.map(lambda w, c: w - c, params, center)
@@ -608,7 +641,9 @@ def balanced_coupling(losses, params, *, axis_name=None) -> jax.Array:
     mean_loss = jnp.mean(losses.astype(jnp.float32))
     if _bound_axis_size(axis_name) is not None:
         mean_loss = jax.lax.pmean(mean_loss, axis_name)
-    return mean_loss / _mean_sq_distance(diff, axis_name)
+    distance = _mean_sq_distance(diff, axis_name)
+    # Coinciding replicas give inf (documented), also when the losses are 0 (not 0/0 = NaN).
+    return jnp.where(distance > 0, mean_loss / jnp.where(distance > 0, distance, 1.0), jnp.inf)
 
 
 # --------------------------------------------------------------------------- execution

@@ -30,16 +30,26 @@ import optax
 __all__ = ["exponential_coupling", "linear_coupling", "cosine_coupling"]
 
 
+def _is_finite_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _check(init_value, total_steps, factor, max_value, steps_per_update) -> int:
     """Validates the shared arguments; returns the number of γ updates n."""
-    if not isinstance(init_value, numbers.Real) or not init_value > 0:
-        raise ValueError(f"init_value must be a positive number, got {init_value!r}.")
+    if not _is_finite_real(init_value) or not init_value > 0:
+        raise ValueError(f"init_value must be a finite positive number, got {init_value!r}.")
     if not isinstance(total_steps, numbers.Integral) or total_steps < 1:
         raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}.")
-    if not isinstance(factor, numbers.Real) or not factor >= 1:
-        raise ValueError(f"factor must be a number >= 1, got {factor!r}.")
-    if max_value is not None and (not isinstance(max_value, numbers.Real) or not max_value > 0):
+    if not _is_finite_real(factor) or not factor >= 1:
+        raise ValueError(f"factor must be a finite number >= 1, got {factor!r}.")
+    if max_value is not None and (not _is_finite_real(max_value) or not max_value > 0):
         raise ValueError(f"max_value must be None or a positive number, got {max_value!r}.")
+    if max_value is not None and max_value < init_value:
+        # A cap below γ_0 would hold γ constant at the cap: no growth at all.
+        raise ValueError(
+            f"max_value must be >= init_value = {init_value!r} (a cap below the initial "
+            f"coupling leaves no schedule), got {max_value!r}."
+        )
     if not isinstance(steps_per_update, numbers.Integral) or not (
         1 <= steps_per_update <= total_steps
     ):

@@ -31,6 +31,7 @@ import difflib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -384,9 +385,14 @@ def run_demo(workdir: str, *, quick: bool = False, progress: bool = True) -> str
         config = load_config(f"{config_path}:{name}{',quick' if quick else ''}")
         config.progress = progress
         run_dir = out / name
-        print(f"[{i}/{len(DEMO_ALGORITHMS)}] training {config.algorithm} ...", flush=True)
-        training.train_and_evaluate(config, str(run_dir))
-        print(f"[{i}/{len(DEMO_ALGORITHMS)}] local energy of {config.algorithm} ...", flush=True)
+        step = f"[{i}/{len(DEMO_ALGORITHMS)}]"
+        print(f"{step} training {config.algorithm} into {run_dir} ...", flush=True)
+        final = training.train_and_evaluate(config, str(run_dir))
+        print(
+            f"{step} {config.algorithm}: test error {final.get('test_error', math.nan):.2f}% "
+            f"after {time.perf_counter() - start:.0f} s; measuring its local energy ...",
+            flush=True,
+        )
         _results.measure_flatness(str(run_dir))
         run_dirs.append(str(run_dir))
     table, figures = _results.write_results(run_dirs, str(out))
@@ -399,12 +405,26 @@ def run_demo(workdir: str, *, quick: bool = False, progress: bool = True) -> str
 
 
 def _cmd_demo(args) -> int:
-    run_demo(args.workdir, quick=args.quick, progress=not args.no_progress)
+    # Quick and full runs get different default folders: a demo rerun in the
+    # same folder resumes from its checkpoints instead of training again.
+    workdir = args.workdir or os.path.join("runs", "demo-quick" if args.quick else "demo")
+    run_demo(workdir, quick=args.quick, progress=not args.no_progress)
     return 0
 
 
 # --------------------------------------------------------------------------
 # Parser and entry point.
+
+
+_EXAMPLES = """examples:
+  flatjax demo                                   offline demo (mnist5k, LeNet-5)
+  flatjax train --config experiments/configs/mnist5k.py:esgd --workdir runs/esgd
+  flatjax train --config experiments/configs/cifar.py:cifar10,resnet18,rsgd \\
+      --workdir runs/c10_r18_rsgd --set num_epochs=100
+  flatjax eval --workdir runs/esgd
+  flatjax flatness --workdir runs/esgd --sigmas 0 0.01 0.05 --num-draws 32
+  flatjax results runs/sgd runs/esgd --out results/
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -416,13 +436,18 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``flatjax`` argument parser (subcommands train, eval, flatness, results, demo)."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    debug_help = "show the full traceback of an error"
     parser = _Parser(
         prog="flatjax",
         description="Flat-minima training in JAX: Entropy-SGD, Replicated-SGD, flatness.",
-        parents=[common],
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    # Also accepted after the subcommand; SUPPRESS keeps a `--debug` given
+    # before the subcommand from being reset by the subparser's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     overrides = argparse.ArgumentParser(add_help=False)
@@ -479,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="offline demo: SGD vs Entropy-SGD vs Replicated-SGD on mnist5k (~6 min on 2 cores)",
     )
-    p.add_argument("--workdir", default=os.path.join("runs", "demo"), help="default runs/demo")
+    p.add_argument(
+        "--workdir", default=None, help="default runs/demo (runs/demo-quick with --quick)"
+    )
     p.add_argument("--quick", action="store_true", help="tiny version, seconds (for tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

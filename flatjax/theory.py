@@ -495,7 +495,7 @@ def erm(
       >>> x = jnp.array([[1.0, 0.0], [-1.0, 0.0], [2.0, 1.0], [-2.0, 1.0]])
       >>> w, b = erm(x, jnp.array([1.0, -1.0, 1.0, -1.0]), loss="square", ridge=0.0)
       >>> [round(float(c), 4) for c in w]
-      [0.6667, 0.0]
+      [0.6, 0.0]
     """
     x, y = _check_data(x, y)
     if loss not in LOSSES:
@@ -574,7 +574,8 @@ def max_margin(x, y, *, bias: bool = False):
     r"""Hard-margin SVM direction: max_{‖w‖=1} min_μ y^μ(w·x^μ + b).
 
     Solved as the hinge loss with vanishing ridge (``erm(loss="hinge",
-    ridge=0)``). Raises a ValueError if the data are not linearly separable
+    ridge=0)``); with ``bias=True`` liblinear's small penalty on the
+    intercept makes the margin slightly suboptimal. Raises a ValueError if the data are not linearly separable
     (then the maximum margin is not defined; use ``erm`` for the hinge
     minimiser).
 

@@ -112,7 +112,8 @@ def uninterrupted(tmp_path_factory):
 
 
 def _state(algorithm="sgd", model=None, seed=0, **rsgd):
-    config = run_config(algorithm)
+    config = run_config(algorithm.replace("_stepwise", ""))
+    config.esgd.mode = "stepwise" if algorithm.endswith("_stepwise") else "scan"
     config.rsgd.update(rsgd)
     return create_train_state(config, model or TinyMLP(), INFO, jax.random.PRNGKey(seed))
 
@@ -120,7 +121,7 @@ def _state(algorithm="sgd", model=None, seed=0, **rsgd):
 # ----------------------------------------------------------------------------- round trip
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", [*ALGORITHMS, "entropy_sgd_stepwise"])
 def test_round_trip_preserves_structure_dtypes_and_values(algorithm, tmp_path):
     saved = _state(algorithm, model=TinyBNMLP(), seed=0).replace(step=jnp.int32(7))
     ckpt = Checkpointer(tmp_path, keep=2)
@@ -203,6 +204,13 @@ def test_interrupted_write_leaves_previous_checkpoint_intact(tmp_path):
     ckpt = Checkpointer(tmp_path)
     assert ckpt.all_steps() == [1]
     assert int(ckpt.restore_latest(state).step) == 1
+    assert partial.exists()  # a reader never deletes a save that may be in progress
+    ckpt.close()
+    owner = Checkpointer(tmp_path, cleanup_tmp=True)  # the run's owner cleans up
+    owner.save(state.replace(step=jnp.int32(3)))
+    owner.close()
+    assert not partial.exists()
+    assert Checkpointer(tmp_path).all_steps() == [1, 3]
 
 
 @pytest.mark.parametrize(

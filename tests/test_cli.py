@@ -151,7 +151,10 @@ def test_parser_subcommands_and_defaults():
     )
     assert (args.sigmas, args.num_draws, args.split) == ([0.0, 0.1], 4, "train")
     args = parser.parse_args(["demo", "--debug"])
-    assert (args.workdir, args.quick, args.debug) == (str(Path("runs", "demo")), False, True)
+    assert (args.workdir, args.quick, args.debug) == (None, False, True)
+    for argv in (["--debug", "eval", "--workdir", "w"], ["eval", "--workdir", "w", "--debug"]):
+        assert parser.parse_args(argv).debug
+    assert not parser.parse_args(["eval", "--workdir", "w"]).debug
     args = parser.parse_args(["results", "r1", "r2", "--out", "o"])
     assert (args.run_dirs, args.out) == (["r1", "r2"], "o")
 
@@ -251,6 +254,7 @@ def trained(tmp_path_factory):
     return workdir, json.loads(out)
 
 
+@pytest.mark.slow
 def test_demo_quick_prints_the_comparison_table(demo):
     workdir, out = demo
     assert "| run | algorithm | grad evals |" in out and "δE σ=0.05" in out
@@ -275,17 +279,20 @@ def _metrics(workdir):
     return rows
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(demo, trained):
     """Issue 11: the quick rSGD config trained twice gives identical metrics."""
     assert _metrics(trained[0]) == _metrics(demo[0] / "rsgd")
 
 
+@pytest.mark.slow
 def test_train_prints_final_metrics(trained):
     workdir, final = trained
     assert final == json.loads((workdir / "final.json").read_text())
     assert final["algorithm"] == "replicated_sgd"
 
 
+@pytest.mark.slow
 def test_eval_restores_the_evaluated_network(trained):
     workdir, final = trained
     code, out = _run(["eval", "--workdir", str(workdir)])
@@ -296,6 +303,7 @@ def test_eval_restores_the_evaluated_network(trained):
     assert result["loss"] == pytest.approx(final["test_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_flatness_cli_writes_json(trained):
     workdir, _ = trained
     code, out = _run(
@@ -303,13 +311,14 @@ def test_flatness_cli_writes_json(trained):
     )
     record = json.loads((workdir / "flatness.json").read_text())
     assert code == 0 and "| 0.1 |" in out
-    assert record["sigmas"] == [0.0, 0.1] and record["num_draws"] == 3
+    assert record["sigmas"] == pytest.approx([0.0, 0.1]) and record["num_draws"] == 3
     # σ = 0 perturbs nothing; the base energy is the training error of the centre.
     assert record["mean"][0] == 0.0 and record["stderr"][0] == 0.0
     _, train = _run(["eval", "--workdir", str(workdir), "--split", "train"])
     assert record["base"] == pytest.approx(json.loads(train)["error"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_results_cli_table_and_figures(demo, tmp_path):
     workdir, _ = demo
     out_dir = tmp_path / "out"
@@ -323,6 +332,7 @@ def test_results_cli_table_and_figures(demo, tmp_path):
     assert (out_dir / "curves.png").is_file() and (out_dir / "local_energy.png").is_file()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_one_line_exit_2(demo, capsys):
     workdir, _ = demo
     code = cli.main(["eval", "--workdir", str(workdir / "sgd"), "--set", "model=mlp"])

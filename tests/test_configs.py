@@ -88,9 +88,14 @@ def test_demo_configs_share_everything_but_the_algorithm(algorithm):
     config, sgd = mnist5k.get_config(algorithm), mnist5k.get_config("sgd")
     assert (config.dataset, config.model) == ("mnist5k", "lenet5")
     differ = {k for k in BASE_KEYS if _get(config, k) != _get(sgd, k)}
-    # Entropy-SGD's outer step is scaled by γ, so its lr and γ range are its own.
-    own = {"learning_rate", "lr_schedule", "esgd.coupling", "esgd.coupling_factor"}
-    assert differ <= {"algorithm"} | (own if algorithm == "esgd" else set())
+    # Entropy-SGD's outer step is scaled by γ, so its lr and γ range are its own;
+    # Replicated-SGD's coupling grows per step at a constant lr (mnist5k.py).
+    own = {
+        "sgd": set(),
+        "esgd": {"learning_rate", "lr_schedule", "esgd.coupling", "esgd.coupling_factor"},
+        "rsgd": {"lr_schedule", "rsgd.coupling_per"},
+    }[algorithm]
+    assert differ <= {"algorithm"} | own
     if algorithm == "esgd":
         # η γ stays in [0.1, 1] over the run (common.set_algorithm).
         assert config.learning_rate * config.esgd.coupling == pytest.approx(0.1)

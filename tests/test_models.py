@@ -2,6 +2,7 @@
 per family, BatchNorm bookkeeping and ShakeDrop's randomness."""
 
 import math
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -28,6 +29,31 @@ from flatjax.models import (
 )
 
 KEY = jax.random.PRNGKey(0)
+
+# These runs are tiny: XLA's backend optimisations cost far more CPU at compile
+# time than they save at run time, so tests compile without them.
+fast_jit = partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def random_variables(model, x, seed=0):
+    """He-normal kernels, unit BN scales, zero biases, from ``init``'s shapes.
+
+    Compiling ``model.init`` (one threefry per parameter) costs more CPU than
+    everything else these tests do with a tiny model, so the values are
+    drawn with NumPy into the tree that ``jax.eval_shape(model.init)`` gives.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name in ("scale", "var"):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if name in ("bias", "mean"):
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        std = math.sqrt(2.0 / math.prod(leaf.shape[:-1]))
+        return jnp.asarray(rng.normal(scale=std, size=leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(model.init, KEY, x))
 
 
 def dense_count(sizes):
@@ -125,7 +151,7 @@ TRAIN_CASES = [
 
 
 def make_sgd_step(model, learning_rate):
-    @jax.jit
+    @fast_jit
     def step(params, batch_stats, x, y, key):
         def loss_fn(p):
             logits, updates = model.apply(
@@ -154,10 +180,10 @@ def test_one_sgd_step_trains(name, shape, kwargs, true_gradient):
     model = get_model(name, num_classes=3, **kwargs)
     x = jax.random.normal(jax.random.PRNGKey(1), shape)
     y = jnp.arange(shape[0]) % 3
-    variables = model.init(KEY, x)
+    variables = random_variables(model, x)
     params = variables["params"]
     batch_stats = {k: v for k, v in variables.items() if k == "batch_stats"}
-    step = make_sgd_step(model, learning_rate=0.01)
+    step = make_sgd_step(model, learning_rate=1e-3)
     key = jax.random.PRNGKey(2)
 
     loss0, params1, stats1 = step(params, batch_stats, x, y, key)
@@ -185,9 +211,10 @@ def test_one_sgd_step_trains(name, shape, kwargs, true_gradient):
 def test_batchnorm_running_stats_update_in_train_mode_only():
     model = ResNetTiny(num_classes=3)
     x = jax.random.normal(KEY, (4, 6, 6, 3)) + 0.5
-    variables = model.init(KEY, x)
+    variables = random_variables(model, x)
     stats = variables["batch_stats"]
-    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    apply = fast_jit(model.apply, static_argnames=("train", "mutable"))
+    _, updates = apply(variables, x, train=True, mutable=("batch_stats",))
 
     # Stem BatchNorm, momentum 0.9 from (mean 0, var 1): new = 0.9·old + 0.1·batch
     # statistic of the stem convolution's output (biased variance over B, H, W).
@@ -200,16 +227,17 @@ def test_batchnorm_running_stats_update_in_train_mode_only():
     np.testing.assert_allclose(new["mean"], 0.1 * z.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(new["var"], 0.9 + 0.1 * z.var(axis=(0, 1, 2)), rtol=1e-4)
 
-    _, eval_updates = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    _, eval_updates = apply(variables, x, train=False, mutable=("batch_stats",))
     jax.tree.map(np.testing.assert_array_equal, eval_updates["batch_stats"], stats)
 
 
 def test_eval_mode_output_does_not_depend_on_the_rest_of_the_batch():
     model = ResNetTiny(num_classes=3)
     x = jax.random.normal(KEY, (3, 6, 6, 3))
-    variables = model.init(KEY, x)
-    together = model.apply(variables, x, train=False)
-    alone = model.apply(variables, x[:1], train=False)
+    variables = random_variables(model, x)
+    apply = fast_jit(partial(model.apply, train=False))
+    together = apply(variables, x)
+    alone = apply(variables, x[:1])
     np.testing.assert_allclose(together[:1], alone, rtol=1e-5, atol=1e-6)
 
 

@@ -144,7 +144,7 @@ def test_data_are_deterministic_by_key():
 def test_local_energy_matches_monte_carlo(energy, noise):
     data = theory.gaussian_mixture(jax.random.key(0), dim=10, alpha=3.0, rho=0.4)
     w = theory.hebbian(data.x, data.y)
-    b, sigma, draws = 0.3, 0.3, 20_000
+    b, sigma, draws = 0.3, 0.3, 4_000
     exact = float(theory.classifier_local_energy(
         w, b, data.x, data.y, [sigma], energy=energy, noise=noise)[0])
     kz, kb = jax.random.split(jax.random.key(1))
@@ -210,7 +210,8 @@ def test_erm_square_without_ridge_interpolates_below_p_equals_n():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_erm_logistic_with_ridge_is_stationary(bias):
-    data = theory.gaussian_mixture(jax.random.key(0), dim=8, alpha=3.0, rho=0.3)
+    # The same shape as _separable(): one compilation of the solver.
+    data = theory.gaussian_mixture(jax.random.key(0), dim=10, alpha=2.0, rho=0.3)
     w, b = theory.erm(data.x, data.y, loss="logistic", ridge=0.1, bias=bias)
     params = {"w": w, "b": b}
 
@@ -227,9 +228,11 @@ def test_erm_logistic_and_max_margin_separate_separable_data():
     data = _separable()
     w, b = theory.erm(data.x, data.y, loss="logistic")
     assert float(theory.training_error(w, b, data.x, data.y)) == 0.0
-    wm, bm = theory.max_margin(data.x, data.y, bias=True)
-    assert float(theory.training_error(wm, bm, data.x, data.y)) == 0.0
-    # The max-margin direction has the largest smallest normalised margin.
+    wb, bb = theory.max_margin(data.x, data.y, bias=True)
+    assert float(theory.training_error(wb, bb, data.x, data.y)) == 0.0
+    # Without bias, the max-margin direction has the largest smallest
+    # normalised margin of all separators through the origin.
+    wm, bm = theory.max_margin(data.x, data.y)
     kappa = lambda w, b: float(jnp.min(data.y * (data.x @ w + b)) / jnp.linalg.norm(w))
     wh = theory.hebbian(data.x, data.y)
     assert kappa(wm, bm) >= kappa(w, b) - 1e-3
@@ -275,8 +278,6 @@ def test_flat_estimators_learn_a_finite_better_than_chance_classifier(fit, loss)
 def test_flat_estimators_use_only_the_first_num_points_rows_and_vmap(fit):
     data = theory.gaussian_mixture(jax.random.key(0), dim=10, alpha=3.0)
     x2 = data.x.at[20:].set(100.0)  # rows past num_points must not matter
-    run = lambda x: fit(jax.random.key(1), x, data.y, num_steps=10, batch_size=8, num_points=20)
-    np.testing.assert_allclose(run(data.x)[0], run(x2)[0])
     batched = jax.vmap(lambda x, n: fit(jax.random.key(1), x, data.y, num_steps=10,
                                         batch_size=8, num_points=n))
     ws, _ = batched(jnp.stack([data.x, x2]), jnp.array([20, 20]))

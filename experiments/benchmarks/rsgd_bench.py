@@ -34,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -50,9 +51,15 @@ import numpy as np
 import optax
 
 import flatjax
+from flatjax import _replicate
 from flatjax.models import get_model
 
-INPUT_SHAPES = {"mlp": (28, 28, 1), "lenet5": (28, 28, 1), "resnet18": (32, 32, 3)}
+INPUT_SHAPES = {
+    "mlp": (28, 28, 1),
+    "lenet5": (28, 28, 1),
+    "resnet18": (32, 32, 3),
+    "mlp_tiny": (8, 8, 1),  # smoke runs
+}
 NUM_CLASSES = 10
 LEARNING_RATE = 0.05
 
@@ -85,7 +92,7 @@ def make_problem(name: str, batch_size: int, *, dtype=jnp.float32, seed: int = 0
     """A ``Problem`` for model ``name`` (mlp, lenet5, resnet18) on random inputs."""
     if name not in INPUT_SHAPES:
         raise ValueError(f"model must be one of {sorted(INPUT_SHAPES)}, got {name!r}")
-    kwargs = {} if name == "mlp" else {"dtype": dtype}
+    kwargs = {} if name.startswith("mlp") else {"dtype": dtype}
     model = get_model(name, NUM_CLASSES, **kwargs)
     shape = INPUT_SHAPES[name]
     variables = model.init(jax.random.key(seed), jnp.zeros((1, *shape), jnp.float32))
@@ -238,27 +245,29 @@ def write_json(path: str, report: dict) -> None:
 # --------------------------------------------------------------------------- Replicated-SGD
 
 
-def rsgd_step(problem: Problem, num_replicas: int, strategy: str, *, coupled: bool = True):
-    """Jitted Replicated-SGD step over stacked params, batch_stats and batches.
+def replicated_optimizer(num_replicas: int, base=None):
+    """``flatjax.replicate`` around ``base`` (default: the baseline SGD), proximal coupling."""
+    return flatjax.replicate(base or base_optimizer(), num_replicas, 0.1,
+                             learning_rate=LEARNING_RATE)
 
-    ``coupled=False`` runs the same step with the base optimizer vmapped over
-    the replicas and no coupling (the reference of the coupling's own cost).
-    """
-    base = base_optimizer()
-    if coupled:
-        opt = flatjax.replicate(base, num_replicas, 0.1, learning_rate=LEARNING_RATE)
-    else:
-        opt = optax.GradientTransformation(jax.vmap(base.init), jax.vmap(base.update))
+
+def uncoupled(base):
+    """``base`` vmapped over the replica axis: y independent networks, no coupling."""
+    return optax.GradientTransformation(jax.vmap(base.init), jax.vmap(base.update))
+
+
+def rsgd_step(problem: Problem, strategy: str, optimizer):
+    """Replicated step over stacked params, batch_stats and batches (not jitted)."""
     grad = flatjax.replica_map(
         jax.value_and_grad(problem.loss, has_aux=True), strategy=strategy
     )
 
     def step(params, batch_stats, opt_state, batches):
         (loss, batch_stats), grads = grad(params, batch_stats, batches)
-        updates, opt_state = opt.update(grads, opt_state, params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), batch_stats, opt_state, jnp.mean(loss)
 
-    return step, opt
+    return step
 
 
 def replicated_state(problem: Problem, num_replicas: int, opt):
@@ -273,11 +282,12 @@ def replicated_state(problem: Problem, num_replicas: int, opt):
     return params, batch_stats, opt.init(params)
 
 
-def rsgd_runner(problem: Problem, num_replicas: int, strategy: str, *, sharding=None,
-                coupled: bool = True):
+def rsgd_runner(problem: Problem, num_replicas: int, strategy: str, *, optimizer=None,
+                sharding=None):
     """``run()`` for one jitted replicated step; ``sharding`` places the replica axis."""
-    step, opt = rsgd_step(problem, num_replicas, strategy, coupled=coupled)
-    state = replicated_state(problem, num_replicas, opt)
+    optimizer = optimizer or replicated_optimizer(num_replicas)
+    step = rsgd_step(problem, strategy, optimizer)
+    state = replicated_state(problem, num_replicas, optimizer)
     batches = problem.batches(num_replicas)
     if sharding is not None:
         scalar = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
@@ -297,8 +307,13 @@ def resolved_auto() -> str:
 
 
 def bench_model(name: str, batch_size: int, reps: int, strategies: list[str],
-                num_replicas: int = 3, sharded: bool = False) -> list[dict]:
-    """Rows for one model: each strategy's y-replica step ÷ y SGD steps."""
+                num_replicas: int = 3, sharded: bool = False,
+                slice_mean: bool = False) -> list[dict]:
+    """Rows for one model: each strategy's y-replica step ÷ y SGD steps.
+
+    ``slice_mean`` adds the default strategy with the replica mean patched to
+    a sum of slices (`slice_sum_mean`), labelled ``auto+slice_mean``.
+    """
     problem = make_problem(name, batch_size)
     baseline, _ = sequential_sgd(problem, num_replicas)
     cases = {"baseline": baseline}
@@ -322,11 +337,17 @@ def bench_model(name: str, batch_size: int, reps: int, strategies: list[str],
             continue
         cases[label] = run
         first[label] = timed_first_call(run)
+    if slice_mean and not sharded:
+        with slice_sum_mean():
+            run, jitted, args = rsgd_runner(problem, num_replicas, "auto")
+            programs["auto+slice_mean"] = None
+            cases["auto+slice_mean"] = run
+            first["auto+slice_mean"] = timed_first_call(run)
     times = interleaved(cases, reps)
     rows = []
     for label in programs:
         measured = aliases.get(label, label)
-        resolved = resolved_auto() if label == "auto" else None
+        resolved = resolved_auto() if label.startswith("auto") else None
         rows.append(ratio_row(
             f"rsgd_step_y{num_replicas}/{label}",
             name,
@@ -343,6 +364,89 @@ def bench_model(name: str, batch_size: int, reps: int, strategies: list[str],
             baseline_desc=f"{num_replicas} sequential jitted SGD steps",
         ))
         print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+@contextlib.contextmanager
+def slice_sum_mean():
+    """Within the block, flatjax's replica mean is Σ_a x[a] / y instead of ``jnp.mean(x, 0)``.
+
+    XLA:CPU reduces over a leading axis of size 3 some 100x slower than it adds
+    three slices (measured here: 28 ms vs 0.1 ms on a (3, 784, 300) array); the
+    patched variant shows what the coupling costs without that. Functions
+    traced inside the block keep the patched mean.
+    """
+    original = _replicate._tree_mean
+
+    def tree_mean(tree, axis_name):
+        def mean(x):
+            return sum(x[a] for a in range(x.shape[0])) / x.shape[0]
+
+        out = jax.tree.map(mean, tree)
+        if _replicate._bound_axis_size(axis_name) is not None:
+            out = jax.lax.pmean(out, axis_name)
+        return out
+
+    _replicate._tree_mean = tree_mean
+    try:
+        yield
+    finally:
+        _replicate._tree_mean = original
+
+
+def bench_coupling(name: str, batch_size: int, reps: int, num_replicas: int = 3) -> list[dict]:
+    """Cost of the coupling: ``replicate(optax.sgd)`` ÷ ``optax.sgd`` on the same replicas.
+
+    Two rows: the optimizer update alone (jitted ``update`` + ``apply_updates``
+    on stacked params and gradients), and the whole replicated step (default
+    strategy), where the reference runs ``optax.sgd`` vmapped over the replicas
+    with no coupling.
+    """
+    problem = make_problem(name, batch_size)
+    sgd = optax.sgd(LEARNING_RATE)
+    coupled = replicated_optimizer(num_replicas, sgd)
+    plain = uncoupled(sgd)
+    params, _, _ = replicated_state(problem, num_replicas, plain)
+    grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
+
+    def update_runner(opt):
+        @jax.jit
+        def update(grads, state, params):
+            updates, state = opt.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        state = opt.init(params)
+        return lambda: jax.block_until_ready(update(grads, state, params))
+
+    cases = {"sgd": update_runner(plain), "replicate": update_runner(coupled)}
+    with slice_sum_mean():
+        cases["replicate_slice_mean"] = update_runner(coupled)
+        cases["replicate_slice_mean"]()  # traced and cached with the patched mean
+    for run in cases.values():
+        run()
+    times = interleaved(cases, reps * 5)
+    rows = [ratio_row("coupling_update_only", name, times["replicate"], times["sgd"],
+                      target=1.05, num_replicas=num_replicas,
+                      baseline_desc="optax.sgd vmapped over the replicas (update + apply)"),
+            ratio_row("coupling_update_only/slice_mean", name, times["replicate_slice_mean"],
+                      times["sgd"], target=1.05, num_replicas=num_replicas,
+                      note="replicate with its replica mean computed as a sum of slices "
+                           "(patched in this benchmark only)",
+                      baseline_desc="optax.sgd vmapped over the replicas (update + apply)")]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+
+    cases = {
+        "sgd": rsgd_runner(problem, num_replicas, "auto", optimizer=plain)[0],
+        "replicate": rsgd_runner(problem, num_replicas, "auto", optimizer=coupled)[0],
+    }
+    for run in cases.values():
+        run()
+    times = interleaved(cases, reps)
+    rows.append(ratio_row("coupling_whole_step", name, times["replicate"], times["sgd"],
+                          target=1.05, num_replicas=num_replicas, batch_size=batch_size,
+                          baseline_desc="same replicated step with optax.sgd, no coupling"))
+    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -367,6 +471,24 @@ def run_sharded_subprocess(models, batch_sizes, reps, num_replicas, timeout=3000
     return rows
 
 
+def plain_step_times(name: str, batch_size: int, reps: int, dtype: str = "float32") -> dict:
+    """Absolute time of one jitted plain SGD step (after a first, compiling call).
+
+    Used by the CPU-settings study: the caller sets ``XLA_FLAGS`` or jax config
+    in the environment of the process; ``dtype`` is the model's compute dtype.
+    """
+    problem = make_problem(name, batch_size, dtype=jnp.dtype(dtype))
+    run, _ = sequential_sgd(problem, 1)
+    first = timed_first_call(run)
+    times = interleaved({"step": run}, reps)["step"]
+    return dict(benchmark="plain_step", model=name, batch_size=batch_size, dtype=dtype,
+                first_call_s=round(first, 3), step_median_s=round(statistics.median(times), 4),
+                step_min_s=round(min(times), 4), step_max_s=round(max(times), 4), reps=reps,
+                images_per_s=round(batch_size / statistics.median(times), 1),
+                xla_flags=os.environ.get("XLA_FLAGS", ""),
+                matmul_precision=str(jax.config.jax_default_matmul_precision))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
@@ -382,6 +504,13 @@ def main(argv=None):
                         help="(internal) time the sharded case; needs >= y devices")
     parser.add_argument("--with-sharded", action="store_true",
                         help="also run the sharded case in a subprocess")
+    parser.add_argument("--coupling-model", default=None,
+                        help="also time the coupling transform's own cost on this model")
+    parser.add_argument("--slice-mean", action="store_true",
+                        help="also time auto with the replica mean as a sum of slices")
+    parser.add_argument("--plain", action="store_true",
+                        help="only time the plain SGD step of each model (absolute seconds)")
+    parser.add_argument("--dtype", default="float32", help="compute dtype (with --plain)")
     parser.add_argument("--print-json", action="store_true")
     args = parser.parse_args(argv)
     bs = {m: (args.resnet_batch_size or args.batch_size) if m == "resnet18" else args.batch_size
@@ -389,7 +518,9 @@ def main(argv=None):
     reps = {m: (args.resnet_reps or args.reps) if m == "resnet18" else args.reps
             for m in args.models}
     rows = []
-    if args.sharded:
+    if args.plain:
+        rows = [plain_step_times(m, bs[m], reps[m], args.dtype) for m in args.models]
+    elif args.sharded:
         if len(jax.devices()) < args.num_replicas:
             raise SystemExit(f"--sharded needs {args.num_replicas} devices, "
                              f"found {len(jax.devices())}")
@@ -397,7 +528,8 @@ def main(argv=None):
             rows += bench_model(m, bs[m], reps[m], ["sharded"], args.num_replicas, sharded=True)
     else:
         for m in args.models:
-            rows += bench_model(m, bs[m], reps[m], args.strategies, args.num_replicas)
+            rows += bench_model(m, bs[m], reps[m], args.strategies, args.num_replicas,
+                                slice_mean=args.slice_mean)
         if args.with_sharded:
             if jax.default_backend() == "cpu" or len(jax.devices()) >= args.num_replicas:
                 for m in args.models:
@@ -405,6 +537,9 @@ def main(argv=None):
             else:
                 rows.append(dict(benchmark=f"rsgd_step_y{args.num_replicas}/sharded",
                                  model="-", skipped=f"needs {args.num_replicas} devices"))
+    if args.coupling_model and not (args.sharded or args.plain):
+        rows += bench_coupling(args.coupling_model, args.batch_size, args.reps,
+                               args.num_replicas)
     report = dict(benchmark="rsgd", machine=machine(), rows=rows)
     if args.out:
         write_json(args.out, report)

@@ -49,6 +49,12 @@ def get_config(arg: str = ""):
     common.set_algorithm(config, args["algorithm"], inner_steps=5, num_replicas=3)
     if args["algorithm"] == "esgd":
         config.lr_schedule = "constant"
+    if args["algorithm"] == "rsgd":
+        # At 4 epochs per replica, γ must grow smoothly (per step) and the
+        # coupling step η γ must not fade with a decaying lr, or the centre of
+        # the independently initialised replicas is never a good network.
+        config.lr_schedule = "constant"
+        config.rsgd.coupling_per = "step"
     if args["quick"]:
         common.make_quick(config, num_epochs=1.0)
     return config

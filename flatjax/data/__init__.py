@@ -35,6 +35,16 @@ Catalogue (``flatjax.data.CATALOGUE``):
 Data dir: the ``data_dir`` argument, else ``$FLATJAX_DATA_DIR``, else
 ``~/.cache/flatjax/tensorflow_datasets``.
 
+Reading needs tensorflow-datasets, array_record, grain and (tfds on Python
+3.11 imports it without declaring it) ``importlib_resources``; decoding the
+PNG-encoded official images uses Pillow (or OpenCV when installed).
+
+Pipelines: :func:`train_batches` (shuffled, augmented, endless, resumable at
+any step, optional replica and stack axes), :func:`eval_batches` (one ordered
+pass), :func:`load_arrays` (a whole split in memory). With ``num_workers > 0``
+grain starts worker processes with ``spawn``: scripts need the usual
+``if __name__ == "__main__":`` guard.
+
 Normalisation statistics (of ``x / scale``, per channel): CIFAR-10 the
 paper's (0.4914, 0.4822, 0.4465) / (0.2023, 0.1994, 0.2010); CIFAR-100
 (0.5071, 0.4865, 0.4409) / (0.2673, 0.2564, 0.2762); MNIST 0.1307 / 0.3081;

@@ -47,8 +47,8 @@ def random_crop(image: np.ndarray, rng: np.random.Generator, padding: int = 4) -
       (2, 2, 1)
     """
     _check_image(image, "random_crop")
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0; got {padding}.")
+    if isinstance(padding, bool) or not isinstance(padding, (int, np.integer)) or padding < 0:
+        raise ValueError(f"padding must be an integer >= 0; got {padding!r}.")
     if padding == 0:
         return image
     h, w = image.shape[:2]
@@ -104,8 +104,19 @@ def normalize(image: np.ndarray, mean, std, scale: float = 255.0) -> np.ndarray:
     """
     mean = np.asarray(mean, np.float32)
     std = np.asarray(std, np.float32)
-    if np.any(std <= 0):
-        raise ValueError(f"std must be > 0 everywhere; got {std.tolist()}.")
+    if not np.all(std > 0) or not np.all(np.isfinite(std)):
+        raise ValueError(f"std must be > 0 and finite everywhere; got {std.tolist()}.")
+    if not np.all(np.isfinite(mean)):
+        raise ValueError(f"mean must be finite everywhere; got {mean.tolist()}.")
+    if not (isinstance(scale, (int, float, np.number)) and np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0; got {scale!r}.")
+    channels = np.shape(image)[-1] if np.ndim(image) else None
+    for name, stat in (("mean", mean), ("std", std)):
+        if stat.ndim > 1 or (stat.size > 1 and stat.size != channels):
+            raise ValueError(
+                f"{name} must be a scalar or one value per channel; got {stat.size} values "
+                f"for an image of shape {np.shape(image)} ({channels} channels)."
+            )
     x = np.asarray(image, np.float32) / np.float32(scale)
     return (x - mean) / std
 
@@ -133,8 +144,8 @@ def cutout(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray
       True
     """
     _check_image(image, "cutout")
-    if size < 1:
-        raise ValueError(f"cutout size must be >= 1; got {size}.")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"cutout size must be an integer >= 1; got {size!r}.")
     h, w = image.shape[:2]
     cy, cx = rng.integers(0, h), rng.integers(0, w)
     y0, y1 = max(cy - size // 2, 0), min(cy - size // 2 + size, h)

@@ -168,6 +168,18 @@ def gaussian_mixture_arrays(
       >>> x.shape, sorted(set(lab.tolist())), round(float(v @ v), 6)
       ((15, 10), [0, 1], 1.0)
     """
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise ValueError(f"dim (N) must be an integer >= 1; got {dim!r}.")
+    if not (isinstance(alpha, (int, float, np.number)) and np.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha (α = P/N) must be a finite number > 0; got {alpha!r}.")
+    if not (isinstance(delta, (int, float, np.number)) and np.isfinite(delta) and delta > 0):
+        raise ValueError(f"delta (Δ, noise variance) must be a finite number > 0; got {delta!r}.")
+    if isinstance(num_test, bool) or not isinstance(num_test, (int, np.integer)) or num_test < 0:
+        raise ValueError(f"num_test must be an integer >= 0; got {num_test!r}.")
+    if int(round(alpha * dim)) < 1:
+        raise ValueError(
+            f"alpha * dim = {alpha} * {dim} rounds to 0 training points; raise alpha or dim."
+        )
     rng = np.random.default_rng(seed)
     v = rng.standard_normal(dim)
     v /= np.linalg.norm(v)

@@ -406,7 +406,7 @@ def load_arrays(
     """
     spec = _spec(name)
     ds = _source(name, split, data_dir, validation_fraction).map(_Preprocess(spec, normalize))
-    batch = _stack(ds._getitems(list(range(len(ds)))))  # noqa: SLF001 - grain's bulk read
+    batch = _stack([ds[i] for i in range(len(ds))])
     return batch["image"], batch["label"]
 
 
@@ -532,8 +532,8 @@ def train_batches(
         shuffle_seed, aug_seed = np.random.SeedSequence([seed, replica]).generate_state(2)
         ds = source.shuffle(seed=int(shuffle_seed))
         if augment or cutout:
-            padding_spec = spec if augment else spec._replace(crop_padding=0, flip=False)
-            ds = ds.random_map(_Augment(padding_spec, normalize, cutout), seed=int(aug_seed))
+            aug_spec = spec if augment else spec._replace(crop_padding=0, flip=False)
+            ds = ds.random_map(_Augment(aug_spec, normalize, cutout), seed=int(aug_seed))
         else:
             ds = ds.map(_Preprocess(spec, normalize))
         ds = ds.batch(batch_size, drop_remainder=drop_remainder).repeat()

@@ -103,6 +103,9 @@ class Checkpointer:
     Args:
       directory: where step directories ``<step>/`` are written (created).
       keep: how many of the latest checkpoints to keep.
+      cleanup_tmp: delete temporary directories left by interrupted saves.
+        Only the process that owns the run should: another process (e.g. an
+        evaluation while training runs) would delete a save in progress.
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, optax
@@ -121,11 +124,12 @@ class Checkpointer:
       >>> ckpt.close()
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 3):
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, cleanup_tmp: bool = False):
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be an integer >= 1, got {keep!r}.")
         self.directory = os.path.abspath(os.fspath(directory))
         self._keep = keep
+        self._cleanup_tmp = bool(cleanup_tmp)
         self._manager = self._open()
 
     def _open(self):
@@ -133,7 +137,7 @@ class Checkpointer:
             max_to_keep=self._keep,
             create=True,
             enable_async_checkpointing=False,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=self._cleanup_tmp,
         )
         return ocp.CheckpointManager(
             self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()

@@ -165,6 +165,13 @@ def dataset_source(config: ml_collections.ConfigDict) -> DataSource:
 
     Evaluation uses the ``test`` split, or the ``validation`` hold-out (the
     tail ``config.validation_fraction`` of train) when that is > 0.
+
+    Example:
+      >>> from flatjax.training import base_config, dataset_source
+      >>> config = base_config()
+      >>> config.dataset = "digits"
+      >>> dataset_source(config).data_steps_per_epoch  # doctest: +SKIP
+      11
     """
     from flatjax import data
 
@@ -252,7 +259,12 @@ def _check_saved_config(workdir: str, config: ml_collections.ConfigDict) -> None
 def _evaluate(state, config, data: DataSource) -> dict:
     x, y = data.eval_arrays
     split = data.eval_split
-    batches = data.stats_batches() if config.rsgd.center_batch_stats == "recompute" else None
+    recompute = (
+        state.algorithm == "replicated_sgd"
+        and bool(state.batch_stats)
+        and config.rsgd.center_batch_stats == "recompute"
+    )
+    batches = data.stats_batches() if recompute else None
     variables = eval_variables(
         state, center_batch_stats=config.rsgd.center_batch_stats, batches=batches
     )
@@ -308,6 +320,20 @@ def train_and_evaluate(
       flatjax.training.CheckpointMismatchError: its checkpoints do not fit the model/optimizer.
       flatjax.training.CorruptCheckpointError: checkpoints exist but none can be read.
       flatjax.training.NonFiniteError: divergence under ``nan_policy='stop'``.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from flatjax.models.mlp import MLPTiny
+      >>> from flatjax.training import array_source, base_config, train_and_evaluate
+      >>> x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+      >>> y = (x[:, 0] > 0).astype(np.int32)
+      >>> config = base_config()
+      >>> config.batch_size, config.num_epochs, config.progress = 16, 1, False
+      >>> data = array_source((x, y), (x, y), num_classes=2, batch_size=16)
+      >>> out = train_and_evaluate(config, tempfile.mkdtemp(), model=MLPTiny(num_classes=2),
+      ...                          data=data)
+      >>> out["epoch"], out["step"], out["grad_evals"]
+      (1.0, 4, 4)
     """
     validate_config(config)
     workdir = _check_workdir(workdir)
@@ -327,7 +353,9 @@ def train_and_evaluate(
     state = create_train_state(
         config, model, data.info, jax.random.PRNGKey(config.seed), plan=plan, sample_batch=sample
     )
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, cleanup_tmp=True
+    )
     restored = checkpointer.restore_latest(state)
     if restored is not None:
         state = restored

@@ -27,7 +27,13 @@ __all__ = ["MetricsWriter", "read_metrics", "plot_curves"]
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` file (``[]`` if it does not exist)."""
+    """The rows of a ``metrics.jsonl`` file (``[]`` if it does not exist).
+
+    Example:
+      >>> from flatjax.training import read_metrics
+      >>> read_metrics("/nonexistent/metrics.jsonl")
+      []
+    """
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -129,6 +135,15 @@ def plot_curves(rows: list[dict], path: str | os.PathLike, *, title: str = "") -
       rows: metric rows (as written to ``metrics.jsonl``).
       path: the PNG file to write.
       title: figure title.
+
+    Example:
+      >>> import os, tempfile
+      >>> from flatjax.training import plot_curves
+      >>> path = os.path.join(tempfile.mkdtemp(), "curves.png")
+      >>> plot_curves([{"epoch": 1, "step": 5, "train_loss": 0.7, "test_error": 40.0},
+      ...              {"epoch": 2, "step": 10, "train_loss": 0.4, "test_error": 20.0}], path)
+      >>> os.path.getsize(path) > 0
+      True
     """
     import matplotlib
 

@@ -143,8 +143,8 @@ def _rsgd_coupling(config, plan, init_value):
     every = 1 if per_step else max(1, min(plan.total_steps, plan.data_steps_per_epoch))
     schedule = {
         "exponential": flatjax.exponential_coupling,
-        "linear": getattr(flatjax, "linear_coupling", None),
-        "cosine": getattr(flatjax, "cosine_coupling", None),
+        "linear": flatjax.linear_coupling,
+        "cosine": flatjax.cosine_coupling,
     }[config.rsgd.coupling_schedule]
     return schedule(
         init_value, plan.total_steps, config.rsgd.coupling_factor, steps_per_update=every

@@ -273,8 +273,11 @@ def make_train_step(config: ml_collections.ConfigDict):
 
     Returns:
       A jitted function returning the new :class:`TrainState` and a dict of
-      scalar metrics: ``loss``, ``error`` (%, on the training minibatch),
-      ``grad_norm``, ``param_norm``, ``coupling`` (γ; 0 for SGD), ``finite``,
+      scalar metrics: ``loss``, ``error`` (%, on the training minibatch;
+      Entropy-SGD scan mode: mean over the inner steps, or at the new anchor
+      on minibatch L−1 when run through ``grad_fn``), ``grad_norm`` (largest
+      over the inner steps; the norm of the outer update through
+      ``grad_fn``), ``param_norm``, ``coupling`` (γ; 0 for SGD), ``finite``,
       and ``replica_distance`` (mean_a ‖wᵃ − c‖²) for Replicated-SGD.
 
     Example:

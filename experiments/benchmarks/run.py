@@ -1,0 +1,382 @@
+"""Benchmark driver: the cost of flatness, measured side by side.
+
+Runs each benchmark of this folder (in subprocesses, so that XLA flags and
+device counts stay per benchmark), writes one JSON per benchmark to
+``--out`` (default ``experiments/benchmarks/results``), merges them into
+``summary.json`` and prints a markdown table: benchmark, model, ratio,
+target, met?, spread, machine.
+
+Sections (``--only`` picks some; by default all that this host can run):
+
+- ``rsgd``: Replicated-SGD y = 3 step ÷ 3 SGD steps per ``replica_map``
+  strategy, plus the sharded case (emulated devices on CPU) and the coupling
+  transform's own cost (``rsgd_bench``);
+- ``esgd``: Entropy-SGD scan and stepwise ÷ L SGD steps (``esgd_bench``);
+- ``compile``: compile time against L and y (``compile_bench``);
+- ``local_energy``: local energy ÷ M evaluation passes (``local_energy_bench``);
+- ``pipeline``: input-pipeline images/s (``pipeline_bench``; needs
+  tensorflow-datasets and grain, skipped where they are missing), divided by
+  the training step's images/s measured by ``rsgd``;
+- ``devices``: the same Replicated-SGD run on 1, 2, 4 devices (``devices_bench``);
+- ``cpu``: ResNet-18 plain step under XLA:CPU settings (flags, bf16), and
+  PyTorch eager when ``--torch-python`` points at a Python with torch.
+
+A section whose JSON already exists in ``--out`` and is not re-run (``--only``
+leaves it out) is still merged, marked with the time it was written.
+
+Usage::
+
+    nice -n 5 .venv/bin/python -m experiments.benchmarks.run            # everything
+    .venv/bin/python -m experiments.benchmarks.run --quick --out /tmp/b  # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SECTIONS = ("rsgd", "esgd", "compile", "local_energy", "pipeline", "devices", "cpu")
+PIPELINE_TARGET = 5.0
+
+# XLA:CPU settings tried on the ResNet-18 step: (label, XLA_FLAGS to add, dtype, extra env).
+CPU_VARIANTS = [
+    ("default", "", "float32", {}),
+    ("no_multi_thread_eigen", "--xla_cpu_multi_thread_eigen=false", "float32", {}),
+    ("onednn_fusion", "--xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce",
+     "float32", {}),
+    ("xnn_fusion", "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce", "float32", {}),
+    ("fast_math", "--xla_cpu_enable_fast_math=true", "float32", {}),
+    ("bfloat16", "", "bfloat16", {}),
+    ("matmul_precision_bf16", "", "float32", {"JAX_DEFAULT_MATMUL_PRECISION": "bfloat16"}),
+]
+
+
+def _python_module(module: str, args: list[str], *, env=None, timeout=3600):
+    """Runs ``python -m module args`` from the repository root; returns (ok, stdout|error)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [sys.executable, "-m", module, *args]
+    t = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout} s"
+    print(f"  [{module} {' '.join(args)}: {time.perf_counter() - t:.0f} s]", flush=True)
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()
+        return False, tail[-1] if tail else f"exit code {out.returncode}"
+    return True, out.stdout
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _json_lines(text: str) -> list[dict]:
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def run_sections(args) -> dict[str, str]:
+    """Runs the selected sections; returns {section: error} for those that failed."""
+    out, q, errors = args.out, args.quick, {}
+    gpu = args.backend != "cpu"
+    models = ["mlp_tiny"] if q else ["mlp", "lenet5", "resnet18"]
+    batch = "8" if q else str(args.batch_size)
+    rbatch = batch if q else str(args.resnet_batch_size or args.batch_size)
+    reps = "2" if q else str(args.reps)
+    rreps = reps if q else str(args.resnet_reps)
+
+    def section(name, module, argv, env=None):
+        if name not in args.only:
+            return
+        print(f"== {name}", flush=True)
+        ok, msg = _python_module(module, argv, env=env)
+        if not ok:
+            errors[name] = msg
+            print(f"  {name} failed: {msg}", flush=True)
+
+    rsgd_args = ["--models", *models, "--batch-size", batch, "--resnet-batch-size", rbatch,
+                 "--reps", reps, "--resnet-reps", rreps,
+                 "--coupling-model", "mlp_tiny" if q else "mlp",
+                 "--out", os.path.join(out, "rsgd.json")]
+    if not q:
+        rsgd_args += ["--with-sharded", "--slice-mean"]
+    section("rsgd", "experiments.benchmarks.rsgd_bench", rsgd_args)
+    section("esgd", "experiments.benchmarks.esgd_bench",
+            ["--models", *models, "--batch-size", batch, "--resnet-batch-size", rbatch,
+             "--reps", reps, "--resnet-reps", rreps,
+             "--inner-steps", "2" if q else "5",
+             "--resnet-inner-steps", "2" if q else str(args.resnet_inner_steps),
+             "--out", os.path.join(out, "esgd.json")])
+    section("compile", "experiments.benchmarks.compile_bench",
+            ["--models", *(["mlp_tiny"] if q else args.compile_models), "--batch-size", batch,
+             "--inner-steps", *(["1", "2"] if q else ["1", "5", "20"]),
+             "--replicas", *(["1", "2"] if q else ["1", "3", "8"]),
+             "--out", os.path.join(out, "compile.json")])
+    section("local_energy", "experiments.benchmarks.local_energy_bench",
+            (["--n", "200", "--num-draws", "4", "--batch-size", "100", "--repeats", "2"]
+             if q else ["--repeats", str(args.reps)])
+            + ["--out", os.path.join(out, "local_energy.json")])
+    if "pipeline" in args.only:
+        if gpu or not (_has("tensorflow_datasets") and _has("grain")):
+            errors["pipeline"] = "skipped: needs tensorflow-datasets and grain (CPU host only)"
+            print(f"== pipeline {errors['pipeline']}", flush=True)
+        else:
+            section("pipeline", "experiments.benchmarks.pipeline_bench",
+                    ["--steps", "20", "--warmup", "3", "--threads", "0", "4",
+                     "--workers", "0", "--out", os.path.join(out, "pipeline.json")])
+    section("devices", "experiments.benchmarks.devices_bench",
+            (["--devices", "1,2", "--steps", "2", "--reps", "1", "--batch-size", "8",
+              "--replicas", "2"] if q else (["--no-emulate"] if gpu else []))
+            + ["--out", os.path.join(out, "devices.json")])
+    if "cpu" in args.only:
+        print("== cpu", flush=True)
+        rows = cpu_study(args)
+        _write(os.path.join(out, f"cpu_b{8 if q else args.cpu_batch_size}.json"),
+               dict(benchmark="cpu", rows=rows))
+    return errors
+
+
+def cpu_study(args) -> list[dict]:
+    """ResNet-18 plain step under each XLA:CPU setting, and PyTorch eager alternately."""
+    q = args.quick
+    model = "mlp_tiny" if q else "resnet18"
+    batch = "8" if q else str(args.cpu_batch_size)
+    rows = []
+    variants = CPU_VARIANTS[:2] if q else [v for v in CPU_VARIANTS if v[0] in args.cpu_variants]
+    if args.backend != "cpu":
+        variants = [v for v in variants if v[0] in ("default", "bfloat16")]
+    torch_py = args.torch_python
+    if not (torch_py and os.path.exists(torch_py)):
+        torch_py = None
+    for label, flags, dtype, extra in variants:
+        env = dict(os.environ, **extra)
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+        ok, text = _python_module(
+            "experiments.benchmarks.rsgd_bench",
+            ["--plain", "--models", model, "--batch-size", batch, "--resnet-batch-size", batch,
+             "--reps", "2" if q else str(args.cpu_reps), "--dtype", dtype, "--print-json"],
+            env=env,
+        )
+        row = dict(variant=label, flags=flags, dtype=dtype, env=extra)
+        if ok:
+            row.update(json.loads(text.strip().splitlines()[-1])["rows"][0])
+            row["variant"] = label
+        else:
+            row["error"] = text
+        rows.append(row)
+        print("  " + json.dumps(row), flush=True)
+        if torch_py and label == "default" and not q:
+            rows.append(torch_step(torch_py, batch, args.cpu_reps))
+    if torch_py and not q:  # a second torch run after the variants: the load drifts
+        rows.append(torch_step(torch_py, batch, args.cpu_reps))
+    return rows
+
+
+def torch_step(python: str, batch: str, reps: int) -> dict:
+    root = os.path.dirname(os.path.abspath(__file__))
+    cmd = [python, os.path.join(root, "torch_resnet18.py"), "--batch-size", batch,
+           "--reps", str(reps)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        row = _json_lines(out.stdout)[-1]
+    except (subprocess.TimeoutExpired, IndexError) as e:
+        row = dict(benchmark="torch_resnet18_step", error=repr(e))
+    row["variant"] = "pytorch_eager"
+    print("  " + json.dumps(row), flush=True)
+    return row
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _stamp(path):
+    return datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.UTC).strftime(
+        "%Y-%m-%d %H:%M UTC"
+    )
+
+
+def summarise(out: str, errors: dict[str, str], machine: dict, ran: list[str]) -> dict:
+    """Merges the per-benchmark JSON files of ``out`` into one list of rows."""
+    rows, sources = [], {}
+
+    def source(name):
+        path = os.path.join(out, f"{name}.json")
+        if not os.path.exists(path):
+            return None
+        sources[name] = dict(file=os.path.basename(path), written=_stamp(path),
+                             rerun=name in ran and name not in errors)
+        return _load(path)
+
+    step_ips = {}
+    if rsgd := source("rsgd"):
+        for r in rsgd["rows"]:
+            rows.append(r)
+            if r.get("strategy") == "vmap" and "baseline_median_s" in r:
+                step_ips[r["model"]] = (r["num_replicas"] * r["batch_size"]
+                                        / r["baseline_median_s"])
+    if esgd := source("esgd"):
+        rows += esgd["rows"]
+    if comp := source("compile"):
+        for r in comp["rows"]:
+            rows.append(dict(r, ratio=r.get("growth"), seconds=r["total_s"]))
+    if le := source("local_energy"):
+        rows.append(dict(benchmark="local_energy", model=f"mlp {le.get('num_params')} params",
+                         ratio=round(le["ratio_local_energy_over_plain"], 3), target=1.2,
+                         direction="<=", met=le["ratio_local_energy_over_plain"] <= 1.2,
+                         spread=None, num_draws=le.get("num_draws"),
+                         note=f"best of {le.get('repeats')} (C's script); "
+                              f"{le['speedup_over_naive_loop']:.1f}x faster than a Python loop"))
+        rows.append(dict(benchmark="local_energy_speedup_vs_loop", model="mlp",
+                         ratio=round(le["speedup_over_naive_loop"], 2), target=None))
+    if pipe := source("pipeline"):
+        best = {}
+        for r in pipe["results"]:
+            best[r["case"]] = max(best.get(r["case"], 0.0), r["images_per_s"])
+        for model, case in (("lenet5", "mnist5k"), ("resnet18", "cifar_like")):
+            if case in best and model in step_ips:
+                ratio = best[case] / step_ips[model]
+                rows.append(dict(benchmark="pipeline_over_step", model=model,
+                                 ratio=round(ratio, 2), target=PIPELINE_TARGET, direction=">=",
+                                 met=ratio >= PIPELINE_TARGET, spread=None,
+                                 pipeline_images_per_s=best[case], pipeline_case=case,
+                                 step_images_per_s=round(step_ips[model], 1)))
+    if dev := source("devices"):
+        for r in dev.get("rows", []):
+            rows.append(dict(benchmark=f"devices/{r.get('mesh', r.get('devices'))}",
+                             model=dev.get("model"), ratio=round(r.get("time_vs_first", 0), 3),
+                             target=None, note="run time vs 1 device (same cores, emulated)"))
+    for name in sorted(f[:-5] for f in os.listdir(out) if f.startswith("cpu_b")
+                       and f.endswith(".json")):
+        cpu = source(name)
+        ref = next((r for r in cpu["rows"] if r.get("variant") == "default"
+                    and "step_median_s" in r), None)
+        for r in cpu["rows"]:
+            if "step_median_s" in r and ref:
+                rows.append(dict(benchmark=f"step/{r['variant']}", model=r.get("model"),
+                                 ratio=round(r["step_median_s"] / ref["step_median_s"], 3),
+                                 target=None, seconds=r["step_median_s"],
+                                 batch_size=r.get("batch_size"),
+                                 note="absolute step ÷ flax default (separate processes)"))
+            elif "error" in r:
+                rows.append(dict(benchmark=f"step/{r['variant']}", model="resnet18",
+                                 error=r["error"]))
+    for name, err in errors.items():
+        rows.append(dict(benchmark=name, error=err))
+    return dict(written=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                machine=machine, sources=sources, rows=rows)
+
+
+def markdown(summary: dict) -> str:
+    m = summary["machine"]
+    host = f"{m.get('backend')} {m.get('device')}, {m.get('cpus')} cpus"
+    lines = ["| benchmark | model | ratio | target | met? | spread | machine |",
+             "|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['benchmark']} | {r.get('model', '-')} | - | - | - | "
+                         f"{r['error']} | {host} |")
+            continue
+        target = "-" if r.get("target") is None else f"{r.get('direction', '<=')} {r['target']}"
+        met = {True: "yes", False: "**no**", None: "-"}[r.get("met")]
+        spread = r.get("spread")
+        spread = f"[{spread[0]}, {spread[1]}] ({r.get('reps')} reps)" if spread else "-"
+        ratio = r.get("ratio")
+        if "seconds" in r:
+            ratio = f"{ratio} ({r['seconds']} s)"
+        model = r.get("model", "-")
+        for key in ("num_replicas", "inner_steps"):
+            if key in r and r["benchmark"].startswith("compile"):
+                model = f"{model} {'y' if key == 'num_replicas' else 'L'}={r[key]}"
+        if r.get("batch_size"):
+            model = f"{model} (B={r['batch_size']})"
+        lines.append(f"| {r['benchmark']} | {model} | {ratio} | {target} | {met} | {spread} "
+                     f"| {host} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny MLP, 2 reps, few seconds of work per section")
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--merge-only", action="store_true",
+                        help="run nothing; merge the JSON files of --out into summary.json")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--resnet-batch-size", type=int, default=None,
+                        help="ResNet-18 batch (default: --batch-size on GPU, 32 on CPU)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--resnet-reps", type=int, default=None,
+                        help="ResNet-18 repetitions (default: --reps on GPU, 2 on CPU)")
+    parser.add_argument("--resnet-inner-steps", type=int, default=5)
+    parser.add_argument("--compile-models", nargs="+", default=["lenet5"])
+    parser.add_argument("--cpu-batch-size", type=int, default=128)
+    parser.add_argument("--cpu-reps", type=int, default=2)
+    parser.add_argument("--cpu-variants", nargs="+", default=[v[0] for v in CPU_VARIANTS],
+                        choices=[v[0] for v in CPU_VARIANTS])
+    parser.add_argument("--torch-python", default="/tmp/torchvenv/bin/python")
+    args = parser.parse_args(argv)
+
+    import jax  # after argument parsing: --help stays fast
+
+    from experiments.benchmarks.rsgd_bench import machine
+
+    args.backend = jax.default_backend()
+    cpu = args.backend == "cpu"
+    if args.resnet_batch_size is None:
+        args.resnet_batch_size = 32 if cpu else args.batch_size
+    if args.resnet_reps is None:
+        args.resnet_reps = 2 if cpu else args.reps
+    if args.only is None:
+        args.only = list(SECTIONS) if not args.quick else ["rsgd", "esgd"]
+        if not cpu:
+            args.only = [s for s in args.only if s not in ("pipeline",)]
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    if args.merge_only:
+        args.only = []
+    errors = run_sections(args)
+    summary = summarise(args.out, errors, machine(), args.only)
+    summary["command"] = " ".join(["python -m experiments.benchmarks.run", *(argv or sys.argv[1:])])
+    summary["wall_s"] = round(time.perf_counter() - start, 1)
+    _write(os.path.join(args.out, "summary.json"), summary)
+    table = markdown(summary)
+    print(table)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
