@@ -101,7 +101,7 @@ BEGIN_HAND, END_HAND = "<!-- BEGIN HAND-WRITTEN -->", "<!-- END HAND-WRITTEN -->
 # Per dataset: network, batch size and SGD-epochs of the full study.
 DATASETS = {
     "digits": {"model": "mlp", "batch_size": 64, "epochs": 30},
-    "mnist1d": {"model": "mlp", "batch_size": 128, "epochs": 30},
+    "mnist1d": {"model": "mlp", "batch_size": 128, "epochs": 20},
     "mnist5k": {"model": "lenet5", "batch_size": 128, "epochs": 8},
 }
 
@@ -111,27 +111,32 @@ def study_settings(quick: bool) -> dict:
     if quick:
         return {
             "datasets": ["digits"],
-            "epochs": {"digits": 2},
+            "epochs": {"digits": 1},
             "seeds": [0, 1],
-            "learning_rates": [0.05, 0.1],
+            "learning_rates": [0.1],
             "sigmas": [0.0, 0.05, 0.1],
             "table_sigmas": [0.05, 0.1],
             "num_draws": 2,
+            "local_energy_examples": {},
             "local_entropy": {"digits": {"num_rungs": 2, "num_chains": 2, "num_steps": 4,
-                                         "num_anchor_samples": 4}},
+                                         "num_anchor_samples": 4, "curvature": 1.0}},
+            "local_entropy_examples": 100,
             "local_entropy_coupling": 1e3,
         }
     return {
         "datasets": ["digits", "mnist1d"],
         "epochs": {k: v["epochs"] for k, v in DATASETS.items()},
         "seeds": [0, 1, 2],
-        "learning_rates": [0.02, 0.05, 0.1],
+        "learning_rates": [0.05, 0.1, 0.2],
         "sigmas": [round(float(s), 3) for s in np.linspace(0.0, 0.1, 11)],
         "table_sigmas": list(TABLE_SIGMAS),
-        "num_draws": 30,
-        "local_entropy": {"digits": {"num_rungs": 6, "num_chains": 4, "num_steps": 200,
-                                     "num_anchor_samples": 200}},
-        "local_entropy_coupling": 1e3,
+        "num_draws": 20,
+        # Local energy on the first this-many training examples (all when absent).
+        "local_energy_examples": {"mnist1d": 1000, "mnist5k": 1000},
+        "local_entropy": {"digits": {"num_rungs": 4, "num_chains": 2, "num_steps": 100,
+                                     "num_anchor_samples": 100}},
+        "local_entropy_examples": 300,
+        "local_entropy_coupling": 1e4,
     }
 
 
@@ -252,8 +257,10 @@ class _Measure:
         return out
 
     def local_energy(self, variables, sigmas, seed):
+        x, y = self.splits["train"]
+        m = self.settings["local_energy_examples"].get(self.dataset, len(y))
         le = flatjax.local_energy(
-            self.apply_eval, variables, self.splits["train"], sigmas,
+            self.apply_eval, variables, (x[:m], y[:m]), sigmas,
             key=jax.random.PRNGKey(10_000 + seed), num_draws=self.settings["num_draws"],
         )
         return {"sigmas": [float(s) for s in le.sigmas], "delta_e": [float(v) for v in le.mean],
@@ -263,7 +270,8 @@ class _Measure:
         opts = self.settings["local_entropy"].get(self.dataset)
         if opts is None:
             return None
-        x, y = (jnp.asarray(a) for a in self.splits["train"])
+        m = self.settings["local_entropy_examples"]
+        x, y = (jnp.asarray(a[:m]) for a in self.splits["train"])
         n = len(y)
         apply_eval = self.apply_eval
 
@@ -369,7 +377,7 @@ def _le_at(record, sigma):
     if not le:
         return float("nan")
     for s, v in zip(le["sigmas"], le["delta_e"], strict=True):
-        if abs(s - sigma) < 1e-9:
+        if abs(s - sigma) < 1e-6:
             return v
     return float("nan")
 
@@ -419,7 +427,7 @@ def summarize(records, settings) -> dict:
                     cell[key] = _mean_std([r.get(key) for r in ok])
                 for sigma in settings["table_sigmas"]:
                     cell[f"local_energy_{sigma:g}"] = _mean_std([_le_at(r, sigma) for r in ok])
-                ent = [r["local_entropy"]["value"] for r in ok if r.get("local_entropy")]
+                ent = [r["local_entropy"]["normalized"] for r in ok if r.get("local_entropy")]
                 cell["local_entropy"] = _mean_std(ent)
                 summary["table"].append(cell)
                 per_seed = [r["local_energy"]["delta_e"] for r in ok]
@@ -529,7 +537,7 @@ def make_figures(records, summary, curves, settings, out) -> list[str]:
 def _table_md(summary, settings, dataset) -> list[str]:
     sig = settings["table_sigmas"]
     head = ["budget", "algorithm", "lr", "grad evals", "test error %", "val error %",
-            "train error %"] + [f"δE(σ={s:g})" for s in sig] + ["local entropy F"]
+            "train error %"] + [f"δE(σ={s:g})" for s in sig] + ["local entropy G"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell in summary["table"]:
         if cell["dataset"] != dataset:
@@ -664,11 +672,18 @@ def write_report(out: str, results_md: str | None = None) -> str:
         "*equal epochs*: that many epochs of each algorithm (eSGD L×, rSGD y× SGD's "
         "gradients). SGD's two rows are the same networks.",
         f"- Local energy δE(w, σ) = E_z[E_train(w ⊙ (1 + σz))] − E_train(w): training split, "
-        f"error in %, all parameters perturbed, M = {settings['num_draws']} draws "
-        f"(`flatjax.local_energy`). Local entropy (digits only, "
-        f"`flatjax.local_entropy`): F(w; γ = {settings['local_entropy_coupling']:g}) with "
-        f"loss n × mean cross-entropy on the training split, settings "
-        f"{settings['local_entropy'].get('digits')} — a coarse estimate (higher = flatter).",
+        f"error in %, all parameters perturbed, M = {settings['num_draws']} draws per σ, "
+        "`flatjax.local_energy`"
+        + (" (" + ", ".join(f"{d}: first {m} training examples" for d, m in
+                            settings["local_energy_examples"].items() if d in settings["datasets"])
+           + ")" if any(d in settings["datasets"] for d in settings["local_energy_examples"])
+           else "")
+        + ". Local entropy (digits, main equal-gradient networks only; `flatjax.local_entropy`, "
+        f"thermodynamic integration with MALA): G(w; γ) = F(w; γ) + (d/2) log(γ/2π) = "
+        f"log E_{{z∼N(0, I/γ)}}[e^(−L(w + z))] in nats, γ = "
+        f"{settings['local_entropy_coupling']:g}, L = n × mean cross-entropy on the first "
+        f"{settings['local_entropy_examples']} training examples, sampler settings "
+        f"{settings['local_entropy'].get('digits')}: a coarse estimate (higher = flatter).",
         "",
         "## Results",
         "",
@@ -677,6 +692,12 @@ def write_report(out: str, results_md: str | None = None) -> str:
         k = summary["kendall"][dataset]
         md += [f"### {dataset} ({DATASETS[dataset]['model']})", ""]
         md += _table_md(summary, settings, dataset)
+        for cell in summary["table"]:
+            if cell["dataset"] == dataset and cell["algorithm"] == "rsgd" and cell["test_error"]:
+                md += ["", f"Replicated-SGD, equal {cell['budget']}: test error of the centre "
+                       f"{_fmt(cell['test_error'])} %, mean of the 3 replicas "
+                       f"{_fmt(cell['test_replica_error_mean'])} %, output ensemble of the "
+                       f"replicas {_fmt(cell['test_ensemble_error'])} %."]
         md += ["", f"Kendall's τ between test error and δE(σ = {TAU_SIGMA}) over "
                f"{k['num_networks']} networks (tuning grid + equal-epoch runs): "
                f"**τ = {k['tau']:.3f}, p = {k['p_value']:.3g}**.", ""]

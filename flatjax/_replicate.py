@@ -365,6 +365,7 @@ def replicate(
             raise ValueError("replicate needs params: call update(grads, state, params).")
         local = _local_size(num_replicas, axis_name)
         _check_replica_axis(params, local, "params")
+        _check_replica_axis(updates, local, "updates")
         _check_same_tree(updates, params)
         gamma = applied_coupling(state.count)
         center = _tree_mean(params, axis_name) if center_optimizer is None else state.center

@@ -92,7 +92,7 @@ def exponential_coupling(
       init_value: γ_0 > 0, the coupling at step 0.
       total_steps: T >= 1, the step at which γ reaches γ_0 · ``factor``.
       factor: total growth factor >= 1 over the run (1e4 in the paper's code).
-      max_value: optional cap γ_max.
+      max_value: optional cap γ_max >= γ_0.
       steps_per_update: s, γ changes once every s steps (a staircase); use
         the number of steps per epoch for per-epoch growth.
 
@@ -138,7 +138,7 @@ def linear_coupling(
       init_value: γ_0 > 0, the coupling at step 0.
       total_steps: T >= 1, the step at which γ reaches γ_0 · ``factor``.
       factor: total growth factor >= 1.
-      max_value: optional cap γ_max.
+      max_value: optional cap γ_max >= γ_0.
       steps_per_update: γ changes once every ``steps_per_update`` steps.
 
     Returns:
@@ -183,7 +183,7 @@ def cosine_coupling(
       init_value: γ_0 > 0, the coupling at step 0.
       total_steps: T >= 1, the step at which γ reaches γ_0 · ``factor``.
       factor: total growth factor >= 1.
-      max_value: optional cap γ_max.
+      max_value: optional cap γ_max >= γ_0.
       steps_per_update: γ changes once every ``steps_per_update`` steps.
 
     Returns:

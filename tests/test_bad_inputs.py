@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -467,8 +468,10 @@ CASES = [
     Case("generalization_error-rho>1",
          lambda: theory.generalization_error(jnp.ones(2), 0.0, jnp.ones(2), rho=1.5),
          ValueError, r"rho.*\(0, 1\), got 1\.5"),
-    Case("hebbian-labels-not-pm1", lambda: theory.hebbian(_GM_X, np.array([1, 0, 1, 0])),
-         ValueError, r"labels y must be \+1 or -1"),
+    gap(Case("hebbian-labels-not-pm1", lambda: theory.hebbian(_GM_X, np.array([1, 0, 1, 0])),
+             ValueError, r"labels y must be \+1 or -1.*0"),
+        "theory's label check says 'labels y must be +1 or -1.' without the values found "
+        "(here 0, e.g. from {0, 1} labels)"),
     Case("hebbian-x-y-length-mismatch", lambda: theory.hebbian(_GM_X, _GM_Y[:3]), ValueError,
          r"x of shape \[P, N\] and y of shape \[P\].*x \(4, 2\) and y \(3,\)"),
     Case("erm-loss-unknown", lambda: theory.erm(_GM_X, _GM_Y, loss="l2"), ValueError,
@@ -514,7 +517,8 @@ CASES = [
          r"LeNet5 expects NHWC images \[B, H, W, C\], got shape \(2, 784\)"),
     Case("ResNet-unbatched-image", _eval_shape_init("resnet_tiny", (32, 32, 3)), ValueError,
          r"ResNet expects NHWC images.*got shape \(32, 32, 3\)"),
-    Case("LeNet5-applied-to-other-channels", _lenet_applied_to((1, 28, 28, 3)), Exception,
+    Case("LeNet5-applied-to-other-channels", _lenet_applied_to((1, 28, 28, 3)),
+         flax.errors.ScopeParamShapeError,
          r'"kernel" in "/Conv_0".*\(5, 5, 3, 6\).*\(5, 5, 1, 6\)'),
     gap(Case("LeNet5-image-too-small", _eval_shape_init("lenet5", (1, 8, 8, 1)), ValueError,
              r"LeNet5.*\(1, 8, 8, 1\)"),
@@ -665,6 +669,16 @@ CASES = [
              r"x.*3.*y.*4"),
         "evaluate does not compare len(x) and len(y); jax says 'Incompatible shapes for "
         "broadcasting: shapes=[(4, 1), (3, 1)]'"),
+    gap(Case("evaluate-float-labels", _evaluate(y=_Y4.astype(np.float32)), TypeError,
+             r"y.*integer.*float32"),
+        "evaluate does not check the label dtype; jax says 'take_along_axis indices must be "
+        "of integer type, got float32', not naming y"),
+    gap(Case("evaluate_replicas-no-replica-axis",
+             lambda: training.evaluate_replicas(
+                 _TINY.apply, jax.tree.map(jnp.zeros_like, _TINY.init(KEY, _X4)), _X4, _Y4),
+             ValueError, r"variables.*leading replica axis"),
+        "evaluate_replicas on unreplicated variables raises jax's 'vmap got inconsistent "
+        "sizes for array axes to be mapped'"),
     gap(Case("evaluate-batch_size<1", _evaluate(batch_size=0), ValueError,
              r"batch_size.*>= 1.*0"),
         "evaluate(batch_size=0) raises 'range() arg 3 must not be zero'"),

@@ -28,7 +28,7 @@ def test_quick_run_writes_summary_and_table(tmp_path, capsys):
     assert auto["resolves_to"] == "unroll"  # the suite runs on CPU
     assert on_disk["machine"]["backend"] == "cpu"
     table = capsys.readouterr().out
-    assert "| benchmark | model | ratio | target | met? | spread | machine |" in table
+    assert "| benchmark | model | ratio (wall; cpu) | target | met? | spread | machine |" in table
     assert "| coupling_whole_step |" in table
 
 

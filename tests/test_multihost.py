@@ -40,7 +40,8 @@ def _launch(out_dir, ckpt_dir):
             FLATJAX_COORDINATOR=f"localhost:{port}",
             FLATJAX_NUM_PROCESSES="2",
             FLATJAX_PROCESS_ID=str(pid),
-            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+            XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+            "--xla_cpu_collective_call_terminate_timeout_seconds=600",
             JAX_PLATFORMS="cpu",
             PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
         )

@@ -174,6 +174,10 @@ def _run_worker(n: int, args) -> dict:
     flags = " ".join(f for f in flags.split() if "xla_force_host_platform_device_count" not in f)
     if args.emulate:
         flags += f" --xla_force_host_platform_device_count={n}"
+        # On an overloaded CPU an emulated device can reach a collective more than
+        # XLA:CPU's default 40 s after the others, which aborts the process.
+        flags += " --xla_cpu_collective_call_terminate_timeout_seconds=900"
+        flags += " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300"
     env["XLA_FLAGS"] = flags.strip()
     cmd = [sys.executable, "-m", "experiments.benchmarks.devices_bench", "--worker", str(n),
            "--model", args.model, "--replicas", str(args.replicas), "--batch-size",

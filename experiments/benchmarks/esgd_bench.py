@@ -141,7 +141,8 @@ def bench_model(name: str, batch_size: int, reps: int, inner_steps: int,
         cases["sgd_in_scan"] = sgd_scan_runner(problem, inner_steps, unroll=False)
         cases["sgd_in_unrolled_scan"] = sgd_scan_runner(problem, inner_steps, unroll=True)
     first = {k: timed_first_call(run) for k, run in cases.items()}
-    times = interleaved(cases, reps)
+    cpu = {}
+    times = interleaved(cases, reps, cpu)
     rows = []
     for mode, desc in [
         ("scan", f"one outer step (L = {inner_steps} inner steps in a lax.scan)"),
@@ -149,6 +150,7 @@ def bench_model(name: str, batch_size: int, reps: int, inner_steps: int,
     ]:
         rows.append(ratio_row(
             f"esgd_{mode}", name, times[mode], times["baseline"], target=TARGET,
+            cpu=(cpu[mode], cpu["baseline"]),
             inner_steps=inner_steps, batch_size=batch_size, candidate_desc=desc,
             baseline_desc=f"{inner_steps} sequential jitted SGD steps",
             first_call_s=round(first[mode], 3),
@@ -159,6 +161,7 @@ def bench_model(name: str, batch_size: int, reps: int, inner_steps: int,
         if mode in cases:
             rows.append(ratio_row(
                 f"reference/{mode}", name, times[mode], times["baseline"], target=None,
+                cpu=(cpu[mode], cpu["baseline"]),
                 inner_steps=inner_steps, batch_size=batch_size,
                 candidate_desc=f"{inner_steps} plain SGD steps in one jitted lax.scan"
                 + (" (unroll=L)" if mode.endswith("unrolled_scan") else ""),

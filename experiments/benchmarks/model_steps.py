@@ -3,7 +3,9 @@
 One step is the CIFAR baseline update (SGD, Nesterov momentum 0.9, softmax
 cross-entropy, BatchNorm statistics updated) on a random batch, jitted with
 params and optimizer state donated. Each case compiles once (reported as
-``compile_s``, the first call) and then runs ``--steps`` timed steps.
+``compile_s``, the first call) and then runs ``--steps`` timed steps,
+recording wall time and process CPU time (all threads; the steadier number
+on a shared machine).
 
 Cases: ``lenet5`` (batch 128, 28×28×1), ``resnet18`` (batch 128, 32×32×3,
 float32), ``resnet18_bf16`` (bfloat16 compute, float32 params),
@@ -98,13 +100,14 @@ def time_case(case: str, steps: int, batch_size: int) -> dict:
             step(params, opt_state, batch_stats)
         )
         compile_s = time.perf_counter() - start
-        times = []
+        times, cpu_times = [], []
         for _ in range(steps):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             params, opt_state, batch_stats, loss = jax.block_until_ready(
                 step(params, opt_state, batch_stats)
             )
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     return {
         "case": case,
         "batch_size": batch_size,
@@ -113,6 +116,8 @@ def time_case(case: str, steps: int, batch_size: int) -> dict:
         "step_s": times,
         "median_step_s": statistics.median(times),
         "min_step_s": min(times),
+        "step_cpu_s": cpu_times,
+        "median_step_cpu_s": statistics.median(cpu_times),
         "final_loss": float(loss),
     }
 
@@ -143,7 +148,8 @@ def main(argv=None):
         print(
             f"{case:>22}: compile {result['compile_s']:.1f} s, step median "
             f"{result['median_step_s'] * 1e3:.0f} ms (min {result['min_step_s'] * 1e3:.0f} ms, "
-            f"{args.steps} steps), loss {result['final_loss']:.3f}",
+            f"{args.steps} steps; CPU time {result['median_step_cpu_s']:.2f} s), "
+            f"loss {result['final_loss']:.3f}",
             flush=True,
         )
         results["cases"].append(result)

@@ -164,19 +164,24 @@ def timed_first_call(run: Callable) -> float:
     return time.perf_counter() - t
 
 
-def interleaved(cases: dict[str, Callable], reps: int) -> dict[str, list[float]]:
+def interleaved(cases: dict[str, Callable], reps: int,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Wall-clock seconds of ``reps`` calls of every case, interleaved.
 
     Repetition r runs every case once; the order is reversed on odd r so that
-    slow drifts of the (shared, noisy) machine hit all cases alike.
+    slow drifts of the (shared, noisy) machine hit all cases alike. When
+    ``cpu`` is a dict it receives the process CPU seconds (all threads) of
+    every call: on an oversubscribed machine the steadier measure of work.
     """
     names = list(cases)
     times = {n: [] for n in names}
     for r in range(reps):
         for n in names if r % 2 == 0 else names[::-1]:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             cases[n]()
             times[n].append(time.perf_counter() - t)
+            if cpu is not None:
+                cpu.setdefault(n, []).append(time.process_time() - c)
     return times
 
 
@@ -188,9 +193,17 @@ def ratio_row(
     *,
     target: float | None,
     direction: str = "<=",
+    cpu: tuple[list[float], list[float]] | None = None,
     **extra,
 ) -> dict:
-    """A result row: median per-rep ratio candidate/baseline, its [min, max], medians."""
+    """A result row: median per-rep ratio candidate/baseline, its [min, max], medians.
+
+    ``cpu`` = (candidate, baseline) process CPU seconds adds ``cpu_ratio``,
+    the median per-rep ratio of CPU time.
+    """
+    if cpu is not None:
+        extra["cpu_ratio"] = round(statistics.median(
+            [c / b for c, b in zip(*cpu, strict=True)]), 3)
     ratios = [c / b for c, b in zip(candidate, baseline, strict=True)]
     ratio = statistics.median(ratios)
     met = None
@@ -343,7 +356,8 @@ def bench_model(name: str, batch_size: int, reps: int, strategies: list[str],
             programs["auto+slice_mean"] = None
             cases["auto+slice_mean"] = run
             first["auto+slice_mean"] = timed_first_call(run)
-    times = interleaved(cases, reps)
+    cpu = {}
+    times = interleaved(cases, reps, cpu)
     rows = []
     for label in programs:
         measured = aliases.get(label, label)
@@ -353,6 +367,7 @@ def bench_model(name: str, batch_size: int, reps: int, strategies: list[str],
             name,
             times[measured],
             times["baseline"],
+            cpu=(cpu[measured], cpu["baseline"]),
             target=0.75 if label == "auto" and name in ("lenet5", "resnet18") else None,
             strategy=label,
             resolves_to=resolved,
@@ -424,12 +439,15 @@ def bench_coupling(name: str, batch_size: int, reps: int, num_replicas: int = 3)
         cases["replicate_slice_mean"]()  # traced and cached with the patched mean
     for run in cases.values():
         run()
-    times = interleaved(cases, reps * 5)
+    cpu = {}
+    times = interleaved(cases, reps * 5, cpu)
     rows = [ratio_row("coupling_update_only", name, times["replicate"], times["sgd"],
                       target=1.05, num_replicas=num_replicas,
+                      cpu=(cpu["replicate"], cpu["sgd"]),
                       baseline_desc="optax.sgd vmapped over the replicas (update + apply)"),
             ratio_row("coupling_update_only/slice_mean", name, times["replicate_slice_mean"],
                       times["sgd"], target=1.05, num_replicas=num_replicas,
+                      cpu=(cpu["replicate_slice_mean"], cpu["sgd"]),
                       note="replicate with its replica mean computed as a sum of slices "
                            "(patched in this benchmark only)",
                       baseline_desc="optax.sgd vmapped over the replicas (update + apply)")]
@@ -442,8 +460,10 @@ def bench_coupling(name: str, batch_size: int, reps: int, num_replicas: int = 3)
     }
     for run in cases.values():
         run()
-    times = interleaved(cases, reps)
+    cpu = {}
+    times = interleaved(cases, reps, cpu)
     rows.append(ratio_row("coupling_whole_step", name, times["replicate"], times["sgd"],
+                          cpu=(cpu["replicate"], cpu["sgd"]),
                           target=1.05, num_replicas=num_replicas, batch_size=batch_size,
                           baseline_desc="same replicated step with optax.sgd, no coupling"))
     print(json.dumps(rows[-1]), flush=True)
@@ -474,14 +494,23 @@ def run_sharded_subprocess(models, batch_sizes, reps, num_replicas, timeout=3000
 def plain_step_times(name: str, batch_size: int, reps: int, dtype: str = "float32") -> dict:
     """Absolute time of one jitted plain SGD step (after a first, compiling call).
 
+    Wall-clock and process CPU seconds (all threads): on a shared machine the
+    CPU time is the steadier of the two.
+
     Used by the CPU-settings study: the caller sets ``XLA_FLAGS`` or jax config
     in the environment of the process; ``dtype`` is the model's compute dtype.
     """
     problem = make_problem(name, batch_size, dtype=jnp.dtype(dtype))
     run, _ = sequential_sgd(problem, 1)
     first = timed_first_call(run)
-    times = interleaved({"step": run}, reps)["step"]
+    times, cpu = [], []
+    for _ in range(reps):
+        t, c = time.perf_counter(), time.process_time()
+        run()
+        times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     return dict(benchmark="plain_step", model=name, batch_size=batch_size, dtype=dtype,
+                cpu_s_median=round(statistics.median(cpu), 4),
                 first_call_s=round(first, 3), step_median_s=round(statistics.median(times), 4),
                 step_min_s=round(min(times), 4), step_max_s=round(max(times), 4), reps=reps,
                 images_per_s=round(batch_size / statistics.median(times), 1),

@@ -275,7 +275,10 @@ def summarise(out: str, errors: dict[str, str], machine: dict, ran: list[str]) -
                                  step_images_per_s=round(step_ips[model], 1)))
     if dev := source("devices"):
         for r in dev.get("rows", []):
-            rows.append(dict(benchmark=f"devices/{r.get('mesh', r.get('devices'))}",
+            mesh = r.get("mesh", r.get("devices"))
+            if isinstance(mesh, dict):
+                mesh = ",".join(f"{k}={v}" for k, v in mesh.items())
+            rows.append(dict(benchmark=f"devices/{mesh}",
                              model=dev.get("model"), ratio=round(r.get("time_vs_first", 0), 3),
                              target=None, note="run time vs 1 device (same cores, emulated)"))
     for name in sorted(f[:-5] for f in os.listdir(out) if f.startswith("cpu_b")
@@ -288,11 +291,22 @@ def summarise(out: str, errors: dict[str, str], machine: dict, ran: list[str]) -
                 rows.append(dict(benchmark=f"step/{r['variant']}", model=r.get("model"),
                                  ratio=round(r["step_median_s"] / ref["step_median_s"], 3),
                                  target=None, seconds=r["step_median_s"],
+                                 cpu_seconds=r.get("cpu_s_median"),
                                  batch_size=r.get("batch_size"),
                                  note="absolute step ÷ flax default (separate processes)"))
             elif "error" in r:
                 rows.append(dict(benchmark=f"step/{r['variant']}", model="resnet18",
                                  error=r["error"]))
+    if steps := source("model_steps"):  # E's script, merged when its JSON is there
+        ref = next((c for c in steps["cases"] if c["case"] == "resnet18"), None)
+        for c in steps["cases"]:
+            base = ref if c["case"].startswith("resnet18") and ref else c
+            rows.append(dict(benchmark=f"model_steps/{c['case']}", model=c["case"].split("_")[0],
+                             ratio=round(c["median_step_s"] / base["median_step_s"], 3),
+                             target=None, seconds=round(c["median_step_s"], 3),
+                             cpu_seconds=round(c["median_step_cpu_s"], 3),
+                             batch_size=c.get("batch_size"),
+                             note="E's script; ratio to the float32 step of the same net"))
     for name, err in errors.items():
         rows.append(dict(benchmark=name, error=err))
     return dict(written=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -301,8 +315,11 @@ def summarise(out: str, errors: dict[str, str], machine: dict, ran: list[str]) -
 
 def markdown(summary: dict) -> str:
     m = summary["machine"]
-    host = f"{m.get('backend')} {m.get('device')}, {m.get('cpus')} cpus"
-    lines = ["| benchmark | model | ratio | target | met? | spread | machine |",
+    if m.get("backend") == "cpu":
+        host = f"{m.get('cpu')}, {m.get('cpus')} cpus"
+    else:
+        host = f"{m.get('backend')}: {m.get('device')}"
+    lines = ["| benchmark | model | ratio (wall; cpu) | target | met? | spread | machine |",
              "|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         if "error" in r:
@@ -314,8 +331,11 @@ def markdown(summary: dict) -> str:
         spread = r.get("spread")
         spread = f"[{spread[0]}, {spread[1]}] ({r.get('reps')} reps)" if spread else "-"
         ratio = r.get("ratio")
+        if r.get("cpu_ratio") is not None:
+            ratio = f"{ratio} (cpu {r['cpu_ratio']})"
         if "seconds" in r:
-            ratio = f"{ratio} ({r['seconds']} s)"
+            cpu = f", {r['cpu_seconds']} s cpu" if r.get("cpu_seconds") else ""
+            ratio = f"{ratio} ({r['seconds']} s{cpu})"
         model = r.get("model", "-")
         for key in ("num_replicas", "inner_steps"):
             if key in r and r["benchmark"].startswith("compile"):

@@ -85,20 +85,22 @@ def main(argv=None):
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     t = time.perf_counter()
     step()
     first = time.perf_counter() - t
-    times = []
+    times, cpu = [], []
     for _ in range(args.reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     row = dict(benchmark="torch_resnet18_step", model="resnet18", framework="pytorch eager",
                torch=torch.__version__, threads=args.threads, batch_size=args.batch_size,
                channels_last=args.channels_last, first_call_s=round(first, 3),
                step_median_s=round(statistics.median(times), 4),
+               cpu_s_median=round(statistics.median(cpu), 4),
                step_min_s=round(min(times), 4), step_max_s=round(max(times), 4),
                reps=args.reps, num_params=sum(p.numel() for p in model.parameters()),
                load_avg_1m=round(os.getloadavg()[0], 2))
