@@ -268,7 +268,8 @@ def write_markdown(summary, results, cfg, runs, path):
             for n in s["names"]:
                 if (a, n) in s["table"]:
                     m, e, c = s["table"][(a, n)]
-                    cells.append(f"{m:.3f} ± {e:.3f}" + ("" if c == cfg["seeds"] else f" ({c})"))
+                    cell = f"{m:.3f} ± {e:.3f}" if c > 1 else f"{m:.3f}"
+                    cells.append(cell + ("" if c == cfg["seeds"] else f" ({c} seed(s))"))
                 else:
                     cells.append("n/a")
             bo = res["bayes_optimal"][str(a)]

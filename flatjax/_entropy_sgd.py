@@ -51,6 +51,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flatjax._schedules import value_at_zero
+
 __all__ = [
     "EntropySGDState",
     "entropy_sgd",
@@ -172,7 +174,8 @@ class _EntropySGD:
             coupling_fn = lambda count: jnp.full((), value, jnp.float32)
         elif callable(coupling):
             coupling_fn = lambda count: jnp.asarray(coupling(count), jnp.float32)
-            value = float(coupling_fn(0))
+            at_zero = value_at_zero(coupling_fn)
+            value = 1.0 if at_zero is None else float(at_zero)
             if not math.isfinite(value) or not value >= 0:
                 raise ValueError(
                     f"coupling (γ) must be a finite number >= 0; the schedule gives "

@@ -576,10 +576,13 @@ def hvp(loss_fn: Callable[[Any], jnp.ndarray], params: Any, v: Any) -> Any:
     Args:
       loss_fn: ``loss_fn(params) -> scalar`` L.
       params: the point w (a pytree).
-      v: the direction, a pytree with the structure of ``params``.
+      v: the direction, a pytree with the structure and leaf shapes of ``params``.
 
     Returns:
       ∇²L(w) v, with the structure of ``params``.
+
+    Raises:
+      ValueError: ``v`` differs from ``params`` in tree structure or a leaf shape.
 
     Example:
       >>> import flatjax
@@ -592,7 +595,31 @@ def hvp(loss_fn: Callable[[Any], jnp.ndarray], params: Any, v: Any) -> Any:
       Pearlmutter, "Fast exact multiplication by the Hessian", Neural
       Computation 6(1), 1994.
     """
+    _check_like_params(v, params)
     return jax.jvp(jax.grad(loss_fn), (params,), (v,))[1]
+
+
+def _check_like_params(v: Any, params: Any) -> None:
+    """Raises unless ``v`` has the tree structure and leaf shapes of ``params``."""
+    v_tree, p_tree = jax.tree.structure(v), jax.tree.structure(params)
+    if v_tree != p_tree:
+        raise ValueError(
+            f"v must have the tree structure and shapes of params; got v with structure "
+            f"{v_tree}, params with structure {p_tree}."
+        )
+    paths = jax.tree_util.tree_leaves_with_path(params)
+    for (path, p_leaf), v_leaf in zip(paths, jax.tree.leaves(v), strict=True):
+        if jnp.shape(v_leaf) != jnp.shape(p_leaf):
+            where = f" at {jax.tree_util.keystr(path)}" if path else ""
+            raise ValueError(
+                f"v must have the tree structure and shapes of params; v has shape "
+                f"{jnp.shape(v_leaf)}{where} where params has shape {jnp.shape(p_leaf)}."
+            )
+
+
+def _check_key(key: Any, what: str) -> None:
+    if key is None:
+        raise ValueError(f"key is required: pass a jax.random key for {what}.")
 
 
 class HessianEigen(NamedTuple):
@@ -651,6 +678,7 @@ def hessian_top_eigenvalue(
       >>> round(float(res.eigenvalue), 4)
       6.0
     """
+    _check_key(key, "the starting vector v₀")
     num_iters = _check_positive_int("num_iters", num_iters)
     tol = _check_positive_float("tol", tol)
     return _top_eig_jit(_static(loss_fn), params, key, num_iters=num_iters, tol=tol)
@@ -735,6 +763,7 @@ def hessian_trace(
       Hutchinson, "A stochastic estimator of the trace of the influence
       matrix", Comm. Stat. Simul. Comput. 18(3), 1989.
     """
+    _check_key(key, "the Rademacher probes")
     num_samples = _check_positive_int("num_samples", num_samples)
     if chunk_size is not None:
         chunk_size = _check_positive_int("chunk_size", chunk_size)

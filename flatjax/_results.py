@@ -376,7 +376,7 @@ def results_table(runs: Sequence[Run]) -> str:
                 cells.append("–")
                 continue
             i = flat["sigmas"].index(s)
-            cells.append(f"{flat['mean'][i]:.2f} ± {flat['stderr'][i]:.2f}")
+            cells.append(f"{flat['mean'][i]:.3f} ± {flat['stderr'][i]:.3f}")
         cells.append(_fmt(final.get("wall_time"), ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -24,10 +24,26 @@ from __future__ import annotations
 import math
 import numbers
 
+import jax
 import jax.numpy as jnp
 import optax
 
 __all__ = ["exponential_coupling", "linear_coupling", "cosine_coupling"]
+
+
+def value_at_zero(schedule):
+    """``schedule(0)`` evaluated eagerly, for checks at construction time.
+
+    Optimizers are often built inside a jitted function; evaluating the
+    schedule under ``jax.ensure_compile_time_eval`` keeps the check concrete
+    there too. Returns ``None`` when the schedule itself closes over traced
+    values, where no eager check is possible.
+    """
+    with jax.ensure_compile_time_eval():
+        value = schedule(0)
+    if isinstance(value, jax.core.Tracer):
+        return None
+    return value
 
 
 def _is_finite_real(x) -> bool:

@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         parents=[common],
-        help="offline demo: SGD vs Entropy-SGD vs Replicated-SGD on mnist5k (~6 min on 2 cores)",
+        help="offline demo: SGD vs Entropy-SGD vs Replicated-SGD on mnist5k (~5 min, 2 idle cores)",
     )
     p.add_argument(
         "--workdir", default=None, help="default runs/demo (runs/demo-quick with --quick)"

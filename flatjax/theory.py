@@ -124,7 +124,11 @@ def _check_data(x, y) -> tuple[np.ndarray, np.ndarray]:
             f"x {x.shape} and y {y.shape}."
         )
     if not np.all(np.abs(y) == 1):
-        raise ValueError("labels y must be +1 or -1.")
+        found = np.unique(y)
+        raise ValueError(
+            f"labels y must be +1 or -1, found values {found[:10].tolist()}"
+            f"{' ...' if found.size > 10 else ''} (map {{0, 1}} labels with y = 2 * label - 1)."
+        )
     return x, y
 
 
@@ -290,7 +294,13 @@ def training_error(w, b, x, y):
       >>> float(training_error(jnp.array([1.0]), 0.0, x, y))
       0.3333333432674408
     """
-    return jnp.mean(~(y * (jnp.asarray(x) @ jnp.asarray(w) + b) > 0))
+    x, w, y = jnp.asarray(x), jnp.asarray(w), jnp.asarray(y)
+    if x.ndim != 2 or w.shape != (x.shape[1],) or y.shape != (x.shape[0],):
+        raise ValueError(
+            f"expected w of shape [N], x of shape [P, N] and y of shape [P], got "
+            f"w {w.shape}, x {x.shape} and y {y.shape}."
+        )
+    return jnp.mean(~(y * (x @ w + b) > 0))
 
 
 def bayes_optimal_overlap(alpha: float, delta: float = 1.0) -> float:
@@ -575,9 +585,9 @@ def max_margin(x, y, *, bias: bool = False):
 
     Solved as the hinge loss with vanishing ridge (``erm(loss="hinge",
     ridge=0)``); with ``bias=True`` liblinear's small penalty on the
-    intercept makes the margin slightly suboptimal. Raises a ValueError if the data are not linearly separable
-    (then the maximum margin is not defined; use ``erm`` for the hinge
-    minimiser).
+    intercept makes the margin slightly suboptimal. Raises a ValueError if
+    the data are not linearly separable (then the maximum margin is not
+    defined; use ``erm`` for the hinge minimiser).
 
     Example:
       >>> import jax.numpy as jnp

@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any, NamedTuple
 
 BLOCK_EVERY = 5
 
@@ -157,15 +158,11 @@ def _shard_map_step(config, model, mesh, state):
     return train_step, _Carry(params, opt_state)
 
 
-class _Carry(tuple):
-    """(params, opt_state) with a ``params`` attribute, as TrainState has."""
+class _Carry(NamedTuple):
+    """(params, opt_state): a pytree (so ``block_until_ready`` waits on it) with ``params``."""
 
-    def __new__(cls, params, opt_state):
-        return super().__new__(cls, (params, opt_state))
-
-    @property
-    def params(self):
-        return self[0]
+    params: Any
+    opt_state: Any
 
 
 def _run_worker(n: int, args) -> dict:

@@ -335,7 +335,8 @@ def bench_model(name: str, batch_size: int, reps: int, strategies: list[str],
     aliases = {}
     for strategy in strategies:
         if sharded:
-            mesh = jax.make_mesh((num_replicas,), ("replica",))
+            mesh = jax.make_mesh((num_replicas,), ("replica",),
+                                 axis_types=(jax.sharding.AxisType.Auto,))
             sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
             run, jitted, args = rsgd_runner(problem, num_replicas, "vmap", sharding=sharding)
             label = "sharded"

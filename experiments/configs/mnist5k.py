@@ -7,9 +7,10 @@ coupled replicas, the centre evaluated) side by side at the SAME number of
 gradient evaluations, with their test error and the local energy δE(w, σ)
 of the network each one evaluates (multiplicative weight noise, training
 error, SPEC.md §4). One seed at this size is an illustration, not a
-statistic: at a matched budget rSGD's replicas get a third of SGD's epochs
-each, and eSGD a fifth of its outer steps, which at 12 epochs costs them
-test error here; the paper's gains are at full training length.
+statistic. Measured (seed 0): test error SGD 3.70%, eSGD 3.20%, rSGD
+4.00%; δE at σ = 0.1 is 0.05, 0.10 and 0.39 points of training error, i.e.
+at this size and σ ≤ 0.1 all three minima are flat and the local energy
+does not separate them the way the paper's full-size runs do.
 
 Setup: ``mnist5k`` (5,000 28×28 digits, the fixed-seed stratified split of
 ``flatjax.data``: 4,000 train, 1,000 test), LeNet-5 (61,706 parameters),
@@ -23,7 +24,7 @@ with 16 noise draws over the whole training set.
 
 Commands (the demo trains all three, then measures and tabulates them)::
 
-    flatjax demo --workdir runs/demo            # about 5-7 minutes on 2 CPU cores
+    flatjax demo --workdir runs/demo            # ~295 s of CPU time (2 cores)
     flatjax demo --quick                        # seconds: the tests' mode
     flatjax train --config experiments/configs/mnist5k.py:esgd --workdir runs/mnist5k/esgd
 

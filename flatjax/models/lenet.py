@@ -7,6 +7,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+# ⌊(⌊H/2⌋ − 4) / 2⌋ ≥ 1, the spatial size left before the dense layers, needs H ≥ 12.
+MIN_IMAGE_SIZE = 12
+
 
 class LeNet5(nn.Module):
     """LeNet-5 with ReLU and max pooling.
@@ -17,8 +20,9 @@ class LeNet5(nn.Module):
     of the original 32×32 network (a 5×5×16 map before the dense layers), so
     on MNIST it has the classic 61,706 parameters (d2l.ai, "Convolutional
     Neural Networks (LeNet)", which pads the first convolution by 2 in the
-    same way). A 32×32 input gives a 6×6×16 map instead. ``train`` is
-    accepted for the shared call convention and ignored.
+    same way). A 32×32 input gives a 6×6×16 map instead; images smaller than
+    12×12 (``MIN_IMAGE_SIZE``) leave no pixels and raise ``ValueError``.
+    ``train`` is accepted for the shared call convention and ignored.
 
     Attributes:
       num_classes: number of output logits.
@@ -45,6 +49,13 @@ class LeNet5(nn.Module):
         del train  # no train-dependent layers
         if x.ndim != 4:
             raise ValueError(f"LeNet5 expects NHWC images [B, H, W, C], got shape {x.shape}")
+        if min(x.shape[1:3]) < MIN_IMAGE_SIZE:
+            raise ValueError(
+                f"LeNet5 needs images of at least {MIN_IMAGE_SIZE}×{MIN_IMAGE_SIZE} pixels (after "
+                "the first 2×2 pooling, the 'VALID' 5×5 convolution and the second pooling "
+                f"must leave one pixel), got shape {x.shape}; for smaller inputs (e.g. the 8×8 "
+                "'digits') use an MLP such as get_model('mlp_tiny', ...)."
+            )
         x = jnp.asarray(x, self.dtype)
         x = nn.relu(nn.Conv(6, (5, 5), padding="SAME", dtype=self.dtype)(x))
         x = nn.max_pool(x, (2, 2), strides=(2, 2))

@@ -43,14 +43,22 @@ def base_config() -> ml_collections.ConfigDict:
     batch 128); Entropy-SGD and Replicated-SGD defaults are the authors'
     (L = 5 is flatjax's choice, the paper's per-experiment L is unconfirmed).
 
+    The config is locked: values can be changed but new keys cannot be added
+    (a typo'd key raises ``AttributeError`` naming the closest existing key),
+    except inside ``model_kwargs``, whose keys are the model's fields.
+
     Returns:
-      An ``ml_collections.ConfigDict``.
+      A locked ``ml_collections.ConfigDict``.
 
     Example:
       >>> from flatjax.training import base_config
       >>> config = base_config()
       >>> config.algorithm, config.rsgd.num_replicas, config.esgd.inner_steps
       ('sgd', 3, 5)
+      >>> config.learnig_rate = 0.2
+      Traceback (most recent call last):
+      ...
+      AttributeError: ...Did you mean "learning_rate" instead of "learnig_rate"?'
     """
     c = ml_collections.ConfigDict()
     c.dataset = "mnist5k"
@@ -108,6 +116,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.flatness.sigmas = [0.0, 0.01, 0.02, 0.05, 0.1]
     c.flatness.num_draws = 100
     c.flatness.batch_size = 1000
+    # Locked: assigning a key that does not exist (a typo such as
+    # ``config.learnig_rate``) raises AttributeError instead of being silently
+    # unused. ``model_kwargs`` stays open: its keys are the chosen model's fields
+    # (``flatjax.models.get_model`` rejects unknown ones).
+    c.lock()
+    c.model_kwargs.unlock()
     return c
 
 
@@ -138,6 +152,42 @@ def _positive(config, name, *, integer=False, allow_zero=False, allow_none=False
         _fail(name, value, what + (" or None" if allow_none else ""))
 
 
+def _check_dataset_name(name: str) -> None:
+    from flatjax.data import _pipeline  # lazy: flatjax.data imports tfds and grain
+
+    try:
+        _pipeline._spec(name)  # the catalogue's own check (it knows the aliases)
+    except ValueError as error:
+        raise ValueError(f"config.dataset: {error}") from None
+
+
+def _check_model_name(name: str) -> None:
+    from flatjax.models import MODELS  # lazy: flatjax.models imports flax
+
+    if name not in MODELS:
+        raise ValueError(
+            f"config.model: unknown model {name!r}; valid names are {sorted(MODELS)}."
+        )
+
+
+def _check_coupling_max(esgd: ml_collections.ConfigDict) -> None:
+    """γ grows from esgd.coupling to at most esgd.coupling_max: the cap must not be below γ_0."""
+    if esgd.coupling_max is None:
+        return
+    if esgd.coupling is not None and esgd.coupling_max < esgd.coupling:
+        raise ValueError(
+            f"config.esgd.coupling_max = {esgd.coupling_max!r} is below the initial coupling "
+            f"config.esgd.coupling = {esgd.coupling!r}; the coupling grows from esgd.coupling "
+            "up to esgd.coupling_max, so expected coupling_max >= coupling (or None: no cap)."
+        )
+    if esgd.coupling is None and esgd.coupling_max < 1:
+        raise ValueError(
+            f"config.esgd.coupling_max = {esgd.coupling_max!r} must be >= 1 when "
+            "config.esgd.coupling is None: with a calibrated γ_0 the schedule starts at 1 "
+            "and is rescaled by γ_0, cap included (or set coupling_max to None: no cap)."
+        )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks the values the training library reads; raises ``ValueError`` on the first bad one.
 
@@ -159,8 +209,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(config, "algorithm", ALGORITHMS)
     if not isinstance(config.dataset, str) or not config.dataset:
         _fail("dataset", config.dataset, "a dataset name")
+    _check_dataset_name(config.dataset)
     if not isinstance(config.model, str) or not config.model:
         _fail("model", config.model, "a model name")
+    _check_model_name(config.model)
     _positive(config, "batch_size", integer=True)
     _positive(config, "num_epochs")
     _choice(config, "budget", ("epochs", "gradients"))
@@ -190,6 +242,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not config.esgd.coupling_factor >= 1:
         _fail("esgd.coupling_factor", config.esgd.coupling_factor, "a number >= 1")
     _positive(config, "esgd.coupling_max", allow_none=True)
+    _check_coupling_max(config.esgd)
     _choice(config, "esgd.mode", ("scan", "stepwise"))
     _choice(config, "esgd.batch_norm", ("walker", "anchor"))
 

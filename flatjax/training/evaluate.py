@@ -13,6 +13,7 @@ output-averaged ensemble p(k | x) = (1/y) Σ_a softmax(f(x; wᵃ))_k (SPEC.md §
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,38 @@ def _eval_replicas_batch(apply_fn, variables, x, y, mask):
     return per_replica, _sums(ensemble, y, mask)
 
 
+def _check_inputs(x, y, batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or (
+        batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+    if len(x) != len(y):
+        raise ValueError(
+            f"x and y must hold the same number of examples, got x with {len(x)} and y "
+            f"with {len(y)}."
+        )
+    dtype = y.dtype if hasattr(y, "dtype") else np.asarray(y).dtype
+    if not np.issubdtype(dtype, np.integer):
+        raise TypeError(f"labels y must be integer class indices, got dtype {dtype}.")
+
+
+def _check_replicated(variables) -> None:
+    leaves = jax.tree_util.tree_leaves_with_path(variables)
+    sizes = sorted({np.shape(leaf)[0] if np.ndim(leaf) else None for _, leaf in leaves},
+                   key=str)
+    if len(sizes) != 1 or sizes[0] is None:
+        found = ", ".join(
+            f"{jax.tree_util.keystr(path)}: {tuple(np.shape(leaf))}" for path, leaf in leaves[:4]
+        )
+        raise ValueError(
+            "evaluate_replicas needs variables with a leading replica axis of one size y on "
+            f"every leaf; found leading sizes {sizes} (shapes {found}"
+            f"{', ...' if len(leaves) > 4 else ''}). For one network use evaluate."
+        )
+
+
 def _batches(x, y, batch_size):
+    _check_inputs(x, y, batch_size)
     n = len(y)
     if n == 0:
         raise ValueError("Cannot evaluate on an empty dataset.")
@@ -118,6 +150,7 @@ def evaluate_replicas(apply_fn, variables, x, y, *, batch_size: int = 1000) -> d
       >>> len(out["replica_error"]), sorted(out)[0]
       (3, 'ensemble_error')
     """
+    _check_replicated(variables)
     loss = error = 0.0
     ens_loss = ens_error = 0.0
     for xb, yb, mask in _batches(x, y, batch_size):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import tempfile
 import time
@@ -124,6 +125,15 @@ def array_source(
       >>> data.data_steps_per_epoch, next(data.train_batches(0, 3, 2))["image"].shape
       (2, (3, 2, 4, 3))
     """
+    for name, value in (("batch_size", batch_size), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    for name, (xs, ys) in (("train", train), ("evaluation", evaluation)):
+        if len(xs) != len(ys):
+            raise ValueError(
+                f"{name} inputs and labels must have the same length, got x with {len(xs)} "
+                f"rows and y with {len(ys)} labels."
+            )
     x, y = np.asarray(train[0], np.float32), np.asarray(train[1], np.int32)
     n = len(y)
     per_epoch = n // batch_size
