@@ -295,8 +295,12 @@ def _print_json(record: dict) -> None:
 
 
 def _cmd_train(args) -> int:
+    import flatjax
     from flatjax import training
 
+    # Multi-process runs (several hosts, a TPU pod slice): every process runs
+    # this same command; a no-op on a single process (docs/distributed.md).
+    flatjax.initialize_distributed()
     config = load_config(args.config)
     apply_overrides(config, args.set)
     training.validate_config(config)

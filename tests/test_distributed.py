@@ -462,3 +462,31 @@ def test_process_batch_slice_rejects_non_contiguous_shards(monkeypatch):
     monkeypatch.setattr(dist, "batch_sharding", lambda mesh, layout: Split())
     with pytest.raises(ValueError, match="non-contiguous parts of the batch"):
         flatjax.process_batch_slice(flatjax.make_mesh(), "batch", (8,))
+
+
+def test_train_and_evaluate_on_a_mesh_matches_one_device(tmp_path):
+    """The same config, run by the training loop on a 2 × 2 mesh and on one device."""
+    import numpy as np
+
+    from flatjax.models.mlp import MLPTiny
+    from flatjax.training import array_source, base_config, train_and_evaluate
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+
+    def run(replica, data, workdir):
+        config = base_config()
+        config.algorithm, config.batch_size, config.num_epochs = "replicated_sgd", 16, 2
+        config.rsgd.num_replicas, config.rsgd.coupling = 2, 0.5
+        config.rsgd.strategy = "vmap"
+        config.progress, config.log_every_steps = False, 2
+        config.mesh.replica, config.mesh.data = replica, data
+        source = array_source((x, y), (x, y), num_classes=2, batch_size=16)
+        return train_and_evaluate(config, str(workdir), model=MLPTiny(num_classes=2), data=source)
+
+    one = run(1, 1, tmp_path / "one")
+    four = run(2, 2, tmp_path / "four")
+    assert four["step"] == one["step"]
+    for key in ("train_loss", "test_loss", "test_error"):
+        np.testing.assert_allclose(four[key], one[key], rtol=1e-4, atol=1e-5)

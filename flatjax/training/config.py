@@ -103,6 +103,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.rsgd.strategy = "auto"
     c.rsgd.center_batch_stats = "average"
 
+    # Device mesh ("replica", "data"): replica × data devices. 1 × 1 runs on one
+    # device; larger meshes shard the unchanged step with flatjax.shard_train_step
+    # (replicas over "replica", each minibatch over "data"; docs/distributed.md).
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.replica = 1
+    c.mesh.data = 1
+
     c.eval_every_epochs = 1.0
     c.checkpoint_every_epochs = 1.0
     c.keep_checkpoints = 3
@@ -225,6 +232,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _fail("seed", config.seed, "an integer")
     if not 0 <= config.validation_fraction < 1:
         _fail("validation_fraction", config.validation_fraction, "a number in [0, 1)")
+    _positive(config, "mesh.replica", integer=True)
+    _positive(config, "mesh.data", integer=True)
     _positive(config, "eval_every_epochs")
     _positive(config, "checkpoint_every_epochs")
     _positive(config, "keep_checkpoints", integer=True)

@@ -297,6 +297,21 @@ def _batch_shape(config):
     return {}
 
 
+def _mesh(config):
+    """The ``("replica", "data")`` mesh of ``config.mesh``, or None for one device."""
+    replica, data = int(config.mesh.replica), int(config.mesh.data)
+    if replica * data == 1:
+        return None
+    import flatjax
+
+    if replica > 1 and config.algorithm != "replicated_sgd":
+        raise ValueError(
+            f"mesh.replica = {replica} needs algorithm 'replicated_sgd' (got "
+            f"{config.algorithm!r}); SGD and Entropy-SGD use the 'data' axis only."
+        )
+    return flatjax.make_mesh(replica=replica, data=data)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
@@ -378,13 +393,30 @@ def train_and_evaluate(
         wall_offset = float(writer.rows[-1].get("wall_time", 0.0))
 
     train_step = make_train_step(config)
+    place = lambda batch: batch
+    mesh = _mesh(config)
+    if mesh is not None:
+        import flatjax
+
+        layout = flatjax.batch_layout(config)
+        train_step = flatjax.shard_train_step(train_step, mesh, state, layout)
+        state = flatjax.shard_train_state(state, mesh)
+
+        def place(batch):
+            # Every process draws the same global batch (same seed) and hands
+            # over only the rows its own devices hold.
+            local = {k: v[flatjax.process_batch_slice(mesh, layout, v.shape)]
+                     for k, v in batch.items()}
+            shapes = {k: v.shape for k, v in batch.items()}
+            return flatjax.host_batch_to_global(local, mesh, layout, shapes)
+
     batches = iter(data.train_batches(start, **shape))
     started = time.time()
     pending, sums, count, skipped = [], {"loss": 0.0, "error": 0.0}, 0, 0
     last_row: dict = writer.rows[-1] if writer.rows else {}
     try:
         for step in range(start, plan.total_steps):
-            state, metrics = train_step(state, next(batches))
+            state, metrics = train_step(state, place(next(batches)))
             pending.append(metrics)
             done = step + 1
             at_eval = done % plan.eval_every == 0 or done == plan.total_steps

@@ -222,6 +222,15 @@ def _esgd_stepwise_step(config):
     return step
 
 
+def replica_strategy(config) -> dict:
+    """``replica_map`` arguments for ``config``: on a mesh with a sharded replica
+    axis the replicas are vmapped with ``spmd_axis_name="replica"``, so that each
+    device computes only its own replicas."""
+    if int(config.mesh.replica) > 1:
+        return {"strategy": "vmap", "spmd_axis_name": "replica"}
+    return {"strategy": config.rsgd.strategy}
+
+
 def _rsgd_step(config):
     import flatjax
 
@@ -241,7 +250,7 @@ def _rsgd_step(config):
         state0 = state
         state, key = _split(state)
         keys = jax.random.split(key, num_replicas)
-        mapped = flatjax.replica_map(per_replica(state.apply_fn), strategy=config.rsgd.strategy)
+        mapped = flatjax.replica_map(per_replica(state.apply_fn), **replica_strategy(config))
         loss, error, stats, grads = mapped(state.params, state.batch_stats, batches, keys)
         new = state.apply_gradients(grads=grads).replace(batch_stats=stats)
         center = flatjax.replica_center(new.params)
