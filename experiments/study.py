@@ -130,11 +130,11 @@ def study_settings(quick: bool) -> dict:
         "datasets": ["digits", "mnist1d"],
         "epochs": {k: v["epochs"] for k, v in DATASETS.items()},
         "seeds": [0, 1, 2],
-        "learning_rates": [0.05, 0.1, 0.2, 0.4],
+        "learning_rates": [0.05, 0.1, 0.2, 0.4, 0.8],
         # The paper's grid, 0 … 0.1, and beyond it: small networks on easy data hardly
         # notice 10 % multiplicative noise, so their curves only part at larger σ.
         "sigmas": [round(float(s), 3) for s in np.linspace(0.0, 0.1, 11)] + [0.15, 0.2, 0.3],
-        "table_sigmas": list(TABLE_SIGMAS),
+        "table_sigmas": [*TABLE_SIGMAS, 0.2],
         # σ measured on every network (tuning grid too), for Kendall's τ.
         "grid_sigmas": [0.01, 0.05, 0.1, 0.2],
         "num_draws": 20,
