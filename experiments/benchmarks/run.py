@@ -284,6 +284,8 @@ def summarise(out: str, errors: dict[str, str], machine: dict, ran: list[str]) -
             mesh = r.get("mesh", r.get("devices"))
             if isinstance(mesh, dict):
                 mesh = ",".join(f"{k}={v}" for k, v in mesh.items())
+            if r.get("mode"):
+                mesh = f"{r['mode']}/{mesh}"
             rows.append(dict(benchmark=f"devices/{mesh}",
                              model=dev.get("model"), ratio=round(r.get("time_vs_first", 0), 3),
                              target=None, note="run time vs 1 device (same cores, emulated)"))

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from flatjax._entropy_sgd import scan_unroll
 from flatjax.training.state import TrainState, uses_stepwise_scan
 
 __all__ = ["make_train_step", "cross_entropy", "error_percent", "check_finite", "NonFiniteError"]
@@ -170,7 +171,9 @@ def _esgd_scan_step(config):
                 st = st.apply_gradients(grads=grads, value=loss).replace(batch_stats=stats)
                 return st, (loss, error, optax.global_norm(grads))
 
-            new, (losses, errors, norms) = jax.lax.scan(body, state, (batches, keys[:-1]))
+            new, (losses, errors, norms) = jax.lax.scan(
+                body, state, (batches, keys[:-1]), unroll=scan_unroll("auto", num_inner)
+            )
             new = new.replace(step=state.step + 1)
             metrics = {"loss": losses.mean(), "error": errors.mean(), "grad_norm": norms.max()}
         else:
