@@ -119,7 +119,7 @@ def study_settings(quick: bool) -> dict:
             "learning_rates": [0.1],
             "sigmas": [0.0, 0.05, 0.1],
             "table_sigmas": [0.05, 0.1],
-            "grid_sigmas": [0.05],
+            "grid_sigmas": [0.0, 0.05, 0.1],  # = sigmas: one local-energy program
             "num_draws": 2,
             "local_energy_examples": {},
             "local_entropy": {},  # its compilation alone would double the smoke run
@@ -451,7 +451,7 @@ def summarize(records, settings) -> dict:
         nets = [r for r in ds_records if r["finite"] and (not r["main"] or r["budget"] == "epochs")]
         te = [r["test_error"] for r in nets]
         by_sigma = {}
-        for sigma in settings.get("grid_sigmas", [TAU_SIGMA]):
+        for sigma in [s for s in settings.get("grid_sigmas", [TAU_SIGMA]) if s > 0]:
             le = [_le_at(r, sigma) for r in nets]
             tau, p = stats.kendalltau(te, le) if len(nets) > 2 else (float("nan"),) * 2
             by_sigma[f"{sigma:g}"] = {"tau": float(tau), "p_value": float(p)}
