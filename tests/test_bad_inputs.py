@@ -7,11 +7,6 @@ useful, what is expected). The rows run as one parametrized test whose ids
 are the row names, so ``pytest --collect-only -q tests/test_bad_inputs.py``
 counts them.
 
-Rows that fail because the validation is missing are marked with
-:func:`gap` (strict xfail): the suite stays green while the gap is listed,
-and fixing the gap turns the xfail into a failure that asks for the mark to
-be removed.
-
 Every row fails before any heavy work: no dataset is prepared (names are
 unknown or data dirs do not exist), nothing large is compiled.
 
@@ -62,13 +57,6 @@ class Case(NamedTuple):
     call: Callable[[], Any]
     error: type[BaseException]
     match: str
-
-
-def gap(case: Case, reason: str):
-    """A row whose validation is missing today: a strict xfail naming the gap."""
-    return pytest.param(
-        case, id=case.name, marks=pytest.mark.xfail(strict=True, reason=f"gap: {reason}")
-    )
 
 
 class CLIFailed(Exception):
