@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+from flatjax.models._layers import conv_and_norm
 
 
 class StageConfig(NamedTuple):
@@ -96,14 +96,7 @@ class MBConv(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-        norm = partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=0.99,
-            epsilon=1e-3,
-            dtype=self.dtype,
-        )
+        conv, norm = conv_and_norm(train, self.dtype, momentum=0.99, epsilon=1e-3)
         in_channels = x.shape[-1]
         hidden = in_channels * self.expand_ratio
         h = x
@@ -189,14 +182,7 @@ class EfficientNet(nn.Module):
     def __call__(self, x, train: bool = False):
         if x.ndim != 4:
             raise ValueError(f"EfficientNet expects NHWC images [B, H, W, C], got shape {x.shape}")
-        norm = partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=0.99,
-            epsilon=1e-3,
-            dtype=self.dtype,
-        )
-        conv = partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+        conv, norm = conv_and_norm(train, self.dtype, momentum=0.99, epsilon=1e-3)
         x = jnp.asarray(x, self.dtype)
         x = conv(round_filters(32, self.width_multiplier), (3, 3), strides=2, padding=1)(x)
         x = nn.swish(norm()(x))

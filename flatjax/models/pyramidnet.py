@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+from flatjax.models._layers import conv_and_norm, conv_init
 
 
 @jax.custom_vjp
@@ -128,14 +128,7 @@ class PyramidBottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-        norm = partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-        )
+        conv, norm = conv_and_norm(train, self.dtype)
         y = conv(self.planes, (1, 1))(norm()(x))
         y = nn.relu(norm()(y))
         y = conv(self.planes, (3, 3), strides=self.strides, padding=1)(y)
@@ -249,13 +242,7 @@ class PyramidNet(nn.Module):
     def __call__(self, x, train: bool = False):
         if x.ndim != 4:
             raise ValueError(f"PyramidNet expects NHWC images [B, H, W, C], got shape {x.shape}")
-        norm = partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-        )
+        _, norm = conv_and_norm(train, self.dtype)
         widths = pyramid_widths(self.depth, self.alpha)
         num_blocks, per_stage = len(widths), len(widths) // 3
         x = jnp.asarray(x, self.dtype)

@@ -9,10 +9,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-SHORTCUTS = ("projection", "zero_pad")
+from flatjax.models._layers import conv_and_norm, conv_init
 
-# He et al. (2015) initialisation, as torchvision's ResNets.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+SHORTCUTS = ("projection", "zero_pad")
 
 
 class BasicBlock(nn.Module):
@@ -37,14 +36,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-        norm = partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-        )
+        conv, norm = conv_and_norm(train, self.dtype)
         y = conv(self.filters, (3, 3), strides=self.strides, padding=1)(x)
         y = nn.relu(norm()(y))
         y = conv(self.filters, (3, 3), padding=1)(y)

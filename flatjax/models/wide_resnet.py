@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+from flatjax.models._layers import conv_and_norm, conv_init
 
 
 class WideBlock(nn.Module):
@@ -32,14 +32,7 @@ class WideBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-        norm = partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-        )
+        conv, norm = conv_and_norm(train, self.dtype)
         pre = nn.relu(norm()(x))
         y = conv(self.filters, (3, 3), strides=self.strides, padding=1)(pre)
         y = nn.relu(norm()(y))
