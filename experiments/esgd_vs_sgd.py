@@ -16,37 +16,14 @@ from __future__ import annotations
 import argparse
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import flatjax
-
-
-class MLP(nn.Module):
-    hidden: int = 64
-    num_classes: int = 10
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Dense(self.hidden)(x))
-        return nn.Dense(self.num_classes)(x)
-
-
-def load_data(split_seed: int = 0):
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int32)
-    return train_test_split(x, y, test_size=0.3, random_state=split_seed, stratify=y)
-
-
-def loss_fn(model, params, x, y):
-    logits = model.apply({"params": params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+from experiments._digits import load_data, loss_fn
+from flatjax.models import MLP
 
 
 def test_error(model, params, x, y) -> float:
@@ -140,10 +117,10 @@ def main(argv=None):
 
     data = load_data()
     x_te, y_te = jnp.asarray(data[1]), jnp.asarray(data[3])
-    model = MLP()
+    model = MLP(hidden_sizes=(64,), num_classes=10)
     steps = cfg.epochs * (len(data[0]) // cfg.batch)
     print(
-        f"digits: {len(data[0])} train / {len(data[1])} test; MLP 64-{model.hidden}-10; "
+        f"digits: {len(data[0])} train / {len(data[1])} test; MLP 64-{model.hidden_sizes[0]}-10; "
         f"{steps} gradient evaluations per run (batch {cfg.batch}, {cfg.epochs} epochs)"
     )
     print(

@@ -25,23 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import flatjax
+from experiments._digits import load_data, loss_fn
 from flatjax.models import MLP
-
-
-def load_data(split_seed: int = 0):
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int32)
-    return train_test_split(x, y, test_size=0.3, random_state=split_seed, stratify=y)
-
-
-def loss_fn(model, params, x, y):
-    logits = model.apply({"params": params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
 def error(pred, y) -> float:
