@@ -45,6 +45,7 @@ from experiments.benchmarks.rsgd_bench import (
     make_problem,
     ratio_row,
     sequential_sgd,
+    sgd_step,
     timed_first_call,
     write_json,
 )
@@ -80,14 +81,7 @@ def stepwise_runner(problem: Problem, inner_steps: int):
     batches = problem.batches(inner_steps)
     batch_list = [jax.tree.map(lambda x, i=i: x[i], batches) for i in range(inner_steps)]
 
-    @jax.jit
-    def step(params, batch_stats, opt_state, batch):
-        (loss, batch_stats), grads = jax.value_and_grad(problem.loss, has_aux=True)(
-            params, batch_stats, batch
-        )
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
-
+    step, _ = sgd_step(problem, opt)  # the plain training step, with the stepwise transform
     init = (problem.params, problem.batch_stats, opt.init(problem.params))
 
     def run():
