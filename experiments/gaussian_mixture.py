@@ -1,6 +1,7 @@
 """Gaussian mixture classification: flat estimators against ERM and Bayes-optimal.
 
-SPEC.md §5. For Δ = 1 and α = P/N on a grid, every estimator is fitted on
+Pittorino et al. 2021, §5, after Baldassi et al., J. Stat. Mech. 2020.
+For Δ = 1 and α = P/N on a grid, every estimator is fitted on
 P = αN points in dimension N and scored by its EXACT test error
 ``flatjax.theory.generalization_error`` (no test set). Two cases: balanced
 clusters without bias (ρ = ½) and unbalanced clusters with a bias (ρ = ¼).

@@ -1,7 +1,7 @@
 """The paper's claims at CPU scale: SGD vs Entropy-SGD vs Replicated-SGD, with error bars.
 
 What it reproduces, at small scale (Pittorino et al., ICLR 2021, arXiv
-2006.07897, §4-6; SPEC.md §6): (1) at the same number of gradient
+2006.07897, §4-6): (1) at the same number of gradient
 evaluations and at the same number of epochs, Entropy-SGD (eSGD, L = 5) and
 Replicated-SGD (rSGD, y = 3, centre evaluated) reach test errors lower or
 equal to SGD's; (2) the networks they find are flatter: lower local energy
@@ -212,14 +212,15 @@ def train_seeds(config, model, train, seeds):
     indices = np.stack([_index_stream(y, config, s, plan.total_steps)[0] for s in seeds])
     info = {"input_shape": tuple(x.shape[1:]), "num_train": len(y)}
     states = []
-    for s, idx in zip(seeds, indices, strict=True):
+    for s in seeds:
         c = config.copy_and_resolve_references()
         c.seed = int(s)
-        sample = None
+        balance = None
         if c.algorithm == "replicated_sgd" and c.rsgd.coupling is None:
-            sample = {"image": x[idx[0]], "label": y[idx[0]]}
+            # The authors' balanced γ_0: the mean training loss over the training set.
+            balance = [{"image": x, "label": y}]
         states.append(create_train_state(c, model, info, jax.random.PRNGKey(s), plan=plan,
-                                         sample_batch=sample))
+                                         balance_batches=balance))
     leaves = lambda st: (st.step, st.params, st.batch_stats, st.opt_state, st.rng)  # noqa: E731
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *[leaves(st) for st in states])
     state = states[0].replace(step=stacked[0], params=stacked[1], batch_stats=stacked[2],

@@ -11,10 +11,10 @@ with an underscore are private.
 
 __version__ = "0.1.0"
 
-# --- coupling schedules (issue 3/4) ---
+# --- coupling schedules ---
 from flatjax._schedules import cosine_coupling, exponential_coupling, linear_coupling
 
-# --- Entropy-SGD (issue 3) ---
+# --- Entropy-SGD ---
 from flatjax._entropy_sgd import (
     EntropySGDState,
     entropy_sgd,
@@ -24,7 +24,7 @@ from flatjax._entropy_sgd import (
     scale_by_entropy_sgd,
 )
 
-# --- Replicated-SGD (issue 4) ---
+# --- Replicated-SGD ---
 from flatjax._replicate import (
     ReplicateState,
     average_batch_stats,
@@ -37,7 +37,7 @@ from flatjax._replicate import (
     replicate_coupling,
 )
 
-# --- flatness measures (issue 5) ---
+# --- flatness measures ---
 from flatjax._flatness import (
     HessianEigen,
     HessianTrace,
@@ -53,7 +53,7 @@ from flatjax._flatness import (
     sam_sharpness,
 )
 
-# --- multi-device / multi-host (issue 10) ---
+# --- multi-device / multi-host ---
 from flatjax._distributed import (
     batch_layout,
     batch_sharding,
@@ -68,5 +68,5 @@ from flatjax._distributed import (
     train_state_sharding,
 )
 
-# --- theory (issue 6): the Gaussian mixture model, a public submodule ---
+# --- theory: the Gaussian mixture model, a public submodule ---
 from flatjax import theory

@@ -235,6 +235,7 @@ def _replicate_state_spec(opt_state, replica_spec):
             return node._replace(
                 count=P(),
                 coupling=P(),
+                requested_coupling=P(),
                 center_distance=P(),
                 base_state=jax.tree.map(lambda _: replica_spec, node.base_state),
                 center=jax.tree.map(lambda _: P(), node.center),
@@ -616,7 +617,7 @@ def rsgd_shard_map_step(
             f"num_replicas={num_replicas} is not divisible by the mesh's replica axis of "
             f"size {r}."
         )
-    state_spec = ReplicateState(P(), P(), P(), P(REPLICA_AXIS), P(), P())
+    state_spec = ReplicateState(P(), P(), P(), P(), P(REPLICA_AXIS), P(), P())
     def replica_loss(params, batch):
         # The mean over the replica's whole minibatch. Its gradient with respect
         # to params that are the same on every "data" device is the gradient

@@ -12,13 +12,14 @@ One outer step, with γ_t the coupling at outer step t:
         d  ← ∇L_l(x′) + γ_t (x′ − x)            # data gradient + elastic pull
         x′ ← x′ + inner_optimizer(d) + ε √(2η′) ξ,   ξ ~ N(0, I)
         μ  ← α μ + (1 − α) x′                  # α weighs the OLD average
-    G ← γ_t (x − μ)                            # gradient of −F at x
-    x ← x + outer_optimizer(G)
+    x ← x + γ_t · outer_optimizer(x − μ)       # γ(x − μ) is the gradient of −F
 
-The default inner optimizer is ``chain(add_decayed_weights(λ′), sgd(η′))``,
-i.e. x′ ← x′ − η′ (d + λ′ x′) + ε √(2η′) ξ (SPEC.md §2); the default outer
-optimizer is SGD with Nesterov momentum 0.9. Both are ordinary Optax
-transforms and can be replaced.
+The default inner optimizer is ``chain(add_decayed_weights(λ′), sgd(η′, β′,
+nesterov=True))``; the default outer optimizer is SGD with Nesterov momentum
+0.9 (and weight decay λ inside the γ-scaled step, as in the authors' code).
+Both are ordinary Optax transforms and can be replaced. These are the rules
+of Pittorino et al.'s code; :func:`entropy_sgd` maps its names (and
+Chaudhari et al.'s) onto flatjax's.
 
 Two drivers share ONE Langevin-step function and ONE outer-step function, so
 they compute the same thing:
@@ -52,6 +53,7 @@ import jax.numpy as jnp
 import optax
 
 from flatjax._schedules import value_at_zero
+from flatjax._stability import learning_rate_at, probe_sgd, stable_coupling_step
 
 __all__ = [
     "EntropySGDState",
@@ -73,16 +75,22 @@ class EntropySGDState(NamedTuple):
       inner_count: int32, Langevin steps done in the current outer step
         (stepwise mode; always 0 in scan mode between calls).
       key: PRNG key of the Langevin noise.
-      coupling: float32, γ_t used by the inner steps of the current outer step
-        (0 during the first outer step when γ_0 is being calibrated).
-      coupling_scale: float32, c in γ_t = c · coupling(t): 1, or the factor
-        found by the calibration of γ_0 after the first inner loop.
-      loss_sum: float32, sum of the inner losses of the current outer step
-        (stepwise mode with calibration; else 0).
-      anchor: the anchor x (stepwise mode; ``None`` in scan mode, where x is
-        the ``params`` the loop holds).
-      average: the running average μ of the walker (stepwise mode; ``None`` in
-        scan mode).
+      coupling: float32, γ_t applied by the inner steps of the current outer
+        step, after ``max_coupling`` and the stability clamp (0 up to the
+        calibration step when γ_0 is being calibrated).
+      requested_coupling: float32, the schedule's γ_t before the clamp; larger
+        than ``coupling`` exactly when the clamp engaged.
+      coupling_scale: float32, c in γ_t = c · coupling(t): 1, or γ_0 / coupling(0)
+        once γ_0 has been calibrated.
+      loss: float32, the loss of the latest inner minibatch (what the
+        calibration reads; 0 without calibration).
+      anchor: the anchor x in float32 or wider (stepwise mode; ``None`` in scan
+        mode, where x is the ``params`` the loop holds).
+      average: the running average μ of the walker, float32 or wider
+        (stepwise mode; ``None`` in scan mode).
+      walker: the walker x′ in float32 when the params are in a lower
+        precision (stepwise mode; else ``None`` and x′ is the params the loop
+        holds).
       inner_state: state of the inner optimizer (stepwise mode; ``None`` in
         scan mode, where it is re-initialised at every outer step).
       outer_state: state of the outer optimizer.
@@ -92,12 +100,18 @@ class EntropySGDState(NamedTuple):
     inner_count: jax.Array
     key: jax.Array
     coupling: jax.Array
+    requested_coupling: jax.Array
     coupling_scale: jax.Array
-    loss_sum: jax.Array
+    loss: jax.Array
     anchor: Any
     average: Any
+    walker: Any
     inner_state: Any
     outer_state: Any
+
+
+_OUTER_SCALES = ("coupling", "gradient", "none")
+_INNER_COUPLINGS = ("gradient", "update")
 
 
 def _where(cond, on_true, on_false):
@@ -110,6 +124,26 @@ def _is_real(x) -> bool:
 
 def _is_finite(x) -> bool:
     return _is_real(x) and math.isfinite(x)
+
+
+def _wide_dtype(dtype):
+    """float32 for bfloat16/float16 leaves: the Langevin walk is kept at least in float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _widen(tree):
+    """A float32-or-wider copy of ``tree`` (a fresh buffer even when no cast is needed)."""
+    return jax.tree.map(lambda x: jnp.array(x, dtype=_wide_dtype(jnp.result_type(x))), tree)
+
+
+def _is_low_precision(tree) -> bool:
+    return any(
+        jnp.finfo(jnp.result_type(x)).bits < 32 for x in jax.tree.leaves(tree)
+    )
+
+
+def _cast_like(tree, like):
+    return jax.tree.map(lambda a, b: a.astype(jnp.result_type(b)), tree, like)
 
 
 def _check_float_params(params, fn: str) -> None:
@@ -159,8 +193,14 @@ class _EntropySGD:
         average_weight,
         inner_weight_decay,
         inner_momentum,
+        inner_nesterov,
         inner_optimizer,
+        inner_coupling,
+        outer_scale,
         calibrate_coupling,
+        calibration_step,
+        max_coupling,
+        clamp_fraction,
         seed,
     ):
         if not isinstance(inner_steps, numbers.Integral) or isinstance(inner_steps, bool):
@@ -187,8 +227,8 @@ class _EntropySGD:
             )
         if calibrate_coupling and not value > 0:
             raise ValueError(
-                "calibrate_coupling=True rescales the coupling so that γ_0 matches the "
-                f"calibration; it needs coupling(0) > 0, got {value}."
+                "calibrate_coupling=True rescales the coupling so that γ matches the "
+                f"calibrated γ_0 at step 0; it needs coupling(0) > 0, got {value}."
             )
         if not _is_finite(inner_learning_rate) or not inner_learning_rate > 0:
             raise ValueError(
@@ -208,44 +248,122 @@ class _EntropySGD:
             )
         if not _is_real(inner_momentum) or not 0 <= inner_momentum < 1:
             raise ValueError(f"inner_momentum must be in [0, 1), got {inner_momentum!r}.")
+        if inner_coupling not in _INNER_COUPLINGS:
+            raise ValueError(
+                f"inner_coupling must be one of {_INNER_COUPLINGS}, got {inner_coupling!r}."
+            )
+        if outer_scale not in _OUTER_SCALES:
+            raise ValueError(f"outer_scale must be one of {_OUTER_SCALES}, got {outer_scale!r}.")
+        if not isinstance(calibration_step, numbers.Integral) or isinstance(
+            calibration_step, bool
+        ) or calibration_step < 0:
+            raise ValueError(
+                f"calibration_step (gtime) must be an int >= 0, got {calibration_step!r}."
+            )
+        if max_coupling is not None and (not _is_finite(max_coupling) or not max_coupling > 0):
+            raise ValueError(
+                f"max_coupling must be None or a finite number > 0, got {max_coupling!r}."
+            )
+        if not _is_real(clamp_fraction) or not 0 < clamp_fraction <= 1:
+            raise ValueError(f"clamp_fraction must be a number in (0, 1], got {clamp_fraction!r}.")
         if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {seed!r}.")
         if inner_optimizer is None:
             inner_optimizer = optax.chain(
                 optax.add_decayed_weights(inner_weight_decay),
-                optax.sgd(inner_learning_rate, momentum=inner_momentum or None),
+                optax.sgd(
+                    inner_learning_rate,
+                    momentum=inner_momentum or None,
+                    nesterov=bool(inner_nesterov),
+                ),
+            )
+        probe = probe_sgd(inner_optimizer)
+        if inner_coupling == "update" and probe is None:
+            raise ValueError(
+                "inner_coupling='update' adds −η′γ(x′ − x) after the inner optimizer and needs "
+                "an SGD-type inner optimizer whose rate can be read from it; use the default "
+                "inner optimizer or inner_coupling='gradient'."
             )
         self.outer_optimizer = outer_optimizer
         self.inner_optimizer = optax.with_extra_args_support(inner_optimizer)
+        self.inner_probe = probe
+        self._raw_inner = inner_optimizer
         self.inner_steps = int(inner_steps)
         self.coupling_fn = coupling_fn
         self.noise_std = float(noise) * math.sqrt(2.0 * inner_learning_rate)
         self.average_weight = float(average_weight)
+        self.inner_coupling = inner_coupling
+        self.outer_scale = outer_scale
         self.calibrate = bool(calibrate_coupling)
+        self.calibration_step = int(calibration_step)
+        self.max_coupling = None if max_coupling is None else float(max_coupling)
+        self.clamp_fraction = float(clamp_fraction)
         self.seed = int(seed)
+
+    # ------------------------------------------------------------------ coupling
+
+    def stable_coupling(self, count):
+        """clamp_fraction × the largest γ at which the inner elastic step is stable."""
+        probe = self.inner_probe
+        if probe is None:
+            return jnp.full((), jnp.inf, jnp.float32)
+        if self.inner_coupling == "gradient":
+            bound = stable_coupling_step(probe.momentum, probe.nesterov)
+        else:
+            bound = 2.0  # −η′γ(x′ − x) outside the momentum: plain SGD's bound
+        eta = learning_rate_at(self._raw_inner, probe, 0)
+        return self.clamp_fraction * bound / eta
+
+    def couplings(self, scale, count):
+        """(requested, applied) γ at outer step ``count`` for calibration scale ``scale``."""
+        requested = scale * self.coupling_fn(count)
+        if self.calibrate:
+            requested = jnp.where(count > self.calibration_step, requested, 0.0)
+        applied = jnp.minimum(requested, self.stable_coupling(count))
+        if self.max_coupling is not None:
+            applied = jnp.minimum(applied, jnp.float32(self.max_coupling))
+        return requested.astype(jnp.float32), applied.astype(jnp.float32)
+
+    # ------------------------------------------------------------------ state
 
     def init_state(self, params, stepwise: bool) -> EntropySGDState:
         _check_float_params(params, "entropy_sgd_stepwise" if stepwise else "entropy_sgd")
-        gamma0 = jnp.zeros((), jnp.float32) if self.calibrate else self.coupling_fn(0)
+        one = jnp.ones((), jnp.float32)
+        requested, applied = self.couplings(one, jnp.zeros((), jnp.int32))
+        wide = _widen(params) if stepwise else None
         return EntropySGDState(
             count=jnp.zeros((), jnp.int32),
             inner_count=jnp.zeros((), jnp.int32),
             key=jax.random.PRNGKey(self.seed),
-            coupling=gamma0,
-            coupling_scale=jnp.ones((), jnp.float32),
-            loss_sum=jnp.zeros((), jnp.float32),
-            anchor=params if stepwise else None,
-            average=params if stepwise else None,
-            inner_state=self.inner_optimizer.init(params) if stepwise else None,
-            outer_state=self.outer_optimizer.init(params),
+            coupling=applied,
+            requested_coupling=requested,
+            coupling_scale=one,
+            loss=jnp.zeros((), jnp.float32),
+            anchor=wide,
+            average=_widen(params) if stepwise else None,
+            walker=_widen(params) if stepwise and _is_low_precision(params) else None,
+            inner_state=self.inner_optimizer.init(wide) if stepwise else None,
+            outer_state=self.outer_optimizer.init(wide if stepwise else params),
         )
 
+    # ------------------------------------------------------------------ steps
+
     def langevin_step(self, grads, walker, anchor, average, inner_state, key, gamma):
-        """One SGLD step of the walker, and the running average: the shared inner step."""
-        pulled = jax.tree.map(
-            lambda g, w, x: g + gamma.astype(g.dtype) * (w - x), grads, walker, anchor
-        )
-        steps, inner_state = self.inner_optimizer.update(pulled, inner_state, walker)
+        """One SGLD step of the (float32) walker and its running average.
+
+        x′ ← x′ + inner(g + γ(x′ − x)) + ε√(2η′) ξ   (inner_coupling='gradient'), or
+        x′ ← x′ + inner(g) − η′γ(x′ − x) + ε√(2η′) ξ (inner_coupling='update').
+        """
+        grads = _cast_like(grads, walker)
+        if self.inner_coupling == "gradient":
+            pulled = jax.tree.map(lambda g, w, x: g + gamma * (w - x), grads, walker, anchor)
+            steps, inner_state = self.inner_optimizer.update(pulled, inner_state, walker)
+        else:
+            steps, inner_state = self.inner_optimizer.update(grads, inner_state, walker)
+            eta = learning_rate_at(self._raw_inner, self.inner_probe, 0)
+            steps = jax.tree.map(
+                lambda s, w, x: s - eta * gamma * (w - x), steps, walker, anchor
+            )
         key, noise_key = jax.random.split(key)
         if self.noise_std > 0:
             xi = optax.tree.random_like(noise_key, walker, jax.random.normal)
@@ -255,23 +373,32 @@ class _EntropySGD:
         average = jax.tree.map(lambda m, w: a * m + (1 - a) * w, average, walker)
         return walker, average, inner_state, key
 
-    def outer_step(self, state, anchor, average, walker, loss_sum):
-        """Lands the outer step: calibrates γ_0 if asked, applies G = γ_t (x − μ).
+    def outer_step(self, state, params, anchor, average, walker, loss):
+        """Lands the outer step: calibrates γ_0 if due, moves the anchor.
 
-        Returns (anchor updates, new outer state, new coupling_scale, γ_{t+1}).
+        ``params`` is the anchor in the loop's dtype (what the outer optimizer
+        sees); ``anchor``, ``average`` and ``walker`` are the float32 copies.
+        Returns (anchor updates, new outer state, new coupling_scale,
+        (requested, applied) γ_{t+1}).
         """
         scale = state.coupling_scale
         if self.calibrate:
-            # γ_0 = loss / (½‖x − x′‖²), the loss averaged over the first inner loop.
+            # γ_0 = loss / (½‖x − x′‖²): the LAST inner minibatch's loss, the final walker.
             half_sq = 0.5 * optax.tree.norm(optax.tree.sub(anchor, walker), squared=True)
-            gamma0 = (loss_sum / self.inner_steps) / jnp.maximum(half_sq, 1e-30)
+            gamma0 = loss / jnp.maximum(half_sq, 1e-30)
             calibrated = jnp.where(half_sq > 0, gamma0 / self.coupling_fn(0), scale)
-            scale = jnp.where(state.count == 0, calibrated, scale).astype(jnp.float32)
-        gamma = scale * self.coupling_fn(state.count)
-        g = jax.tree.map(lambda x, m: gamma.astype(x.dtype) * (x - m), anchor, average)
-        updates, outer_state = self.outer_optimizer.update(g, state.outer_state, anchor)
-        next_gamma = scale * self.coupling_fn(state.count + 1)
-        return updates, outer_state, scale, next_gamma
+            scale = jnp.where(state.count == self.calibration_step, calibrated, scale)
+            scale = scale.astype(jnp.float32)
+        gamma = state.coupling
+        diff = jax.tree.map(lambda x, m: x - m, anchor, average)
+        if self.outer_scale == "gradient":
+            diff = jax.tree.map(lambda d: gamma * d, diff)
+        updates, outer_state = self.outer_optimizer.update(
+            _cast_like(diff, params), state.outer_state, params
+        )
+        if self.outer_scale == "coupling":
+            updates = jax.tree.map(lambda u: (gamma * u).astype(u.dtype), updates)
+        return updates, outer_state, scale, self.couplings(scale, state.count + 1)
 
 
 def _defaults_outer(learning_rate, momentum, nesterov, weight_decay, outer_optimizer):
@@ -329,34 +456,37 @@ def _scan_transform(core: _EntropySGD, unroll="auto") -> optax.GradientTransform
             )
         if params is None:
             raise ValueError("entropy_sgd's update needs params (the anchor x).")
+        anchor = _widen(params)
 
         def body(carry, i):
-            walker, average, inner_state, key, loss_sum = carry
-            out = grad_fn(walker, i)
+            walker, average, inner_state, key, loss = carry
+            out = grad_fn(_cast_like(walker, params), i)
             if core.calibrate:
                 grads, loss = out
-                loss_sum = loss_sum + jnp.asarray(loss, jnp.float32)
+                loss = jnp.asarray(loss, jnp.float32)
             else:
                 grads = out
             _check_grads(grads, walker, "grad_fn(params, i)")
             walker, average, inner_state, key = core.langevin_step(
-                grads, walker, params, average, inner_state, key, state.coupling
+                grads, walker, anchor, average, inner_state, key, state.coupling
             )
-            return (walker, average, inner_state, key, loss_sum), None
+            return (walker, average, inner_state, key, loss), None
 
-        carry = (params, params, core.inner_optimizer.init(params), state.key, state.loss_sum)
-        (walker, average, _, key, loss_sum), _ = jax.lax.scan(
+        carry = (anchor, anchor, core.inner_optimizer.init(anchor), state.key, state.loss)
+        (walker, average, _, key, loss), _ = jax.lax.scan(
             body, carry, jnp.arange(core.inner_steps, dtype=jnp.int32),
             unroll=scan_unroll(unroll, core.inner_steps),
         )
-        updates, outer_state, scale, next_gamma = core.outer_step(
-            state, params, average, walker, loss_sum
+        updates, outer_state, scale, (requested, applied) = core.outer_step(
+            state, params, anchor, average, walker, loss
         )
         new_state = state._replace(
             count=state.count + 1,
             key=key,
-            coupling=next_gamma,
+            coupling=applied,
+            requested_coupling=requested,
             coupling_scale=scale,
+            loss=loss,
             outer_state=outer_state,
         )
         return updates, new_state
@@ -378,51 +508,53 @@ def _stepwise_transform(core: _EntropySGD) -> optax.GradientTransformationExtraA
                 "update(grads, state, params, value=loss)."
             )
         _check_grads(updates, params, "updates")
-        # The first inner step starts exactly at the anchor, not at params ≈ x.
-        walker = _where(state.inner_count == 0, state.anchor, params)
+        # The first inner step starts exactly at the anchor; later ones at the
+        # float32 walker (kept in the state for low-precision params).
+        current = _widen(params) if state.walker is None else state.walker
+        walker = _where(state.inner_count == 0, state.anchor, current)
         walker, average, inner_state, key = core.langevin_step(
             updates, walker, state.anchor, state.average, state.inner_state, state.key,
             state.coupling,
         )
-        loss_sum = state.loss_sum
-        if core.calibrate:
-            loss_sum = loss_sum + jnp.asarray(value, jnp.float32)
+        loss = jnp.asarray(value, jnp.float32) if core.calibrate else state.loss
 
-        anchor_updates, outer_state, scale, next_gamma = core.outer_step(
-            state, state.anchor, average, walker, loss_sum
+        anchor_updates, outer_state, scale, (requested, applied) = core.outer_step(
+            state, state.anchor, state.anchor, average, walker, loss
         )
         new_anchor = optax.apply_updates(state.anchor, anchor_updates)
         landing = state.inner_count == core.inner_steps - 1
-        new_params = _where(landing, new_anchor, walker)
+        new_walker = _where(landing, new_anchor, walker)
         fresh_inner = core.inner_optimizer.init(new_anchor)
         new_state = EntropySGDState(
             count=state.count + landing.astype(jnp.int32),
             inner_count=jnp.where(landing, 0, state.inner_count + 1).astype(jnp.int32),
             key=key,
-            coupling=jnp.where(landing, next_gamma, state.coupling),
+            coupling=jnp.where(landing, applied, state.coupling),
+            requested_coupling=jnp.where(landing, requested, state.requested_coupling),
             coupling_scale=jnp.where(landing, scale, state.coupling_scale),
-            loss_sum=jnp.where(landing, 0.0, loss_sum).astype(jnp.float32),
+            loss=loss,
             anchor=_where(landing, new_anchor, state.anchor),
             average=_where(landing, new_anchor, average),
+            walker=None if state.walker is None else new_walker,
             inner_state=_where(landing, fresh_inner, inner_state),
             outer_state=_where(landing, outer_state, state.outer_state),
         )
-        step = jax.tree.map(lambda n, p: (n - p).astype(p.dtype), new_params, params)
+        step = jax.tree.map(lambda n, p: (n - p).astype(p.dtype), new_walker, params)
         return step, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _build(mode, learning_rate, inner_steps, coupling, inner_learning_rate, noise,
-           average_weight, inner_weight_decay, inner_momentum, momentum, nesterov,
-           weight_decay, seed, calibrate_coupling, outer_optimizer, inner_optimizer,
-           unroll="auto"):
-    outer = _defaults_outer(learning_rate, momentum, nesterov, weight_decay, outer_optimizer)
-    core = _EntropySGD(
-        outer, inner_steps, coupling, inner_learning_rate, noise, average_weight,
-        inner_weight_decay, inner_momentum, inner_optimizer, calibrate_coupling, seed,
-    )
-    return _scan_transform(core, unroll) if mode == "scan" else _stepwise_transform(core)
+_HPARAM_NAMES = (
+    "inner_steps", "coupling", "inner_learning_rate", "noise", "average_weight",
+    "inner_weight_decay", "inner_momentum", "inner_nesterov", "inner_optimizer",
+    "inner_coupling", "outer_scale", "calibrate_coupling", "calibration_step",
+    "max_coupling", "clamp_fraction", "seed",
+)
+
+
+def _core(outer, hparams) -> _EntropySGD:
+    return _EntropySGD(outer, *(hparams[name] for name in _HPARAM_NAMES))
 
 
 def entropy_sgd(
@@ -435,36 +567,83 @@ def entropy_sgd(
     average_weight: float = 0.75,
     inner_weight_decay: float = 1e-4,
     inner_momentum: float = 0.0,
+    inner_nesterov: bool = True,
     momentum: float = 0.9,
     nesterov: bool = True,
     weight_decay: float = 0.0,
-    seed: int = 0,
+    outer_scale: str = "coupling",
+    inner_coupling: str = "gradient",
     calibrate_coupling: bool = False,
+    calibration_step: int = 1,
+    max_coupling: float | None = None,
+    clamp_fraction: float = 0.5,
+    seed: int = 0,
     unroll: int | bool | str = "auto",
     outer_optimizer: optax.GradientTransformation | None = None,
     inner_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Entropy-SGD, one outer step per ``update`` call (jitted inner loop).
 
-    One outer step (γ_t = ``coupling`` at outer step t, L = ``inner_steps``):
+    One outer step (γ_t = ``coupling`` at outer step t, L = ``inner_steps``),
+    with the defaults, which are the rules of Pittorino et al.'s code:
 
     .. code-block:: text
 
         x′ ← x ;  μ ← x
         for l = 0 .. L−1:
-            x′ ← x′ − η′ (∇L_l(x′) + γ_t (x′ − x) + λ′ x′) + ε √(2η′) ξ,  ξ ~ N(0, I)
+            d  ← ∇L_l(x′) + γ_t (x′ − x) + λ′ x′           # into the inner momentum
+            x′ ← x′ − η′ nesterov_β′(d) + ε √(2η′) ξ,  ξ ~ N(0, I)
             μ  ← α μ + (1 − α) x′
-        x ← x + outer_optimizer(G),  G = γ_t (x − μ)     # SGD, lr η, Nesterov 0.9
+        x ← x − η γ_t · nesterov_β((x − μ) + λ x)        # outer_scale="coupling"
 
-    Symbols: η = ``learning_rate``, L = ``inner_steps``, γ = ``coupling``,
-    η′ = ``inner_learning_rate``, ε = ``noise``, α = ``average_weight``
-    (weight of the OLD average), λ′ = ``inner_weight_decay``. Defaults are
-    those of the authors' code, except L, whose per-experiment value in the
-    paper is unconfirmed (flatjax uses L = 5), and γ = 0.03 (Chaudhari et
-    al.'s default). The outer step is scaled by γ_t (the authors' "gscale"),
-    unlike Chaudhari's PyTorch port. The explicit inner step is stable only
-    while η′ (γ_t + λ′ + curvature) < 2: when γ grows by a large factor,
-    cap it (``max_value`` of the coupling schedules) below about 2/η′.
+    Symbols: η = ``learning_rate``, λ = ``weight_decay``, β = ``momentum``,
+    L = ``inner_steps``, γ = ``coupling``, η′ = ``inner_learning_rate``,
+    ε = ``noise``, α = ``average_weight`` (weight of the OLD average),
+    λ′ = ``inner_weight_decay``, β′ = ``inner_momentum`` (Nesterov unless
+    ``inner_nesterov=False``). The outer step is scaled by γ_t with the
+    weight decay inside it (the authors' ``gscale``): their effective outer
+    decay η γ_t λ grows with γ. ``outer_scale="gradient"`` instead feeds
+    G = γ_t (x − μ), the gradient of −F, to the outer optimizer (decay
+    unscaled); ``"none"`` feeds x − μ (Chaudhari et al.'s port).
+
+    Map from the authors' SacredDNN ``EntropySGD`` (and ``esgd_dnn.py``):
+    ``lr`` → ``learning_rate``; ``L`` → ``inner_steps``; ``g`` (they write
+    g (x′ − x), so g = γ) → ``coupling``; ``g0 = 0`` → ``calibrate_coupling``;
+    ``gtime`` → ``calibration_step``; ``g1``/``grate`` and ``gmax`` (a total
+    growth factor, not a cap: their min(g, gmax) is commented out) →
+    ``flatjax.exponential_coupling(1.0, T, factor=gmax)`` with T the run's
+    outer steps, γ_1 = gmax^{1/T} − 1; ``gscale`` → ``outer_scale="coupling"``;
+    ``sgld_lr`` → ``inner_learning_rate``; ``alpha_arg`` → ``average_weight``;
+    ``eps`` → ``noise``; ``momentum_sgld`` → ``inner_momentum``;
+    ``weight_decay`` → both ``weight_decay`` and ``inner_weight_decay``.
+    Chaudhari et al.'s ``python/optim.py``: ``g0`` → a constant ``coupling``
+    (his scoping counter never advances), ``momentum`` → both ``momentum`` and
+    ``inner_momentum``, ``inner_coupling="update"`` (he adds the pull after
+    the momentum), ``outer_scale="none"``; his outer momentum buffer starts at
+    ∇f(x₀) rather than 0.
+
+    Calibration (``calibrate_coupling=True``, the authors' ``g0 = 0``): γ = 0
+    for the outer steps t ≤ ``calibration_step`` (with ``outer_scale=
+    "coupling"`` these have size zero while the momentum accumulates); after
+    the inner loop of step t = ``calibration_step``, γ_0 = loss / (½ ‖x − x′‖²)
+    with the loss of that loop's LAST minibatch and x′ its final walker; from
+    then on γ_t = γ_0 · coupling(t) / coupling(0). If x′ = x exactly the
+    schedule is kept unscaled.
+
+    Stability (never silent): the explicit inner step is stable only while
+    η′(γ + λ′ + curvature) < b, b = 2 for SGD, 2(1 + β′)/(1 + 2β′) for
+    Nesterov, 2(1 + β′) for heavy ball (η′ and β′ are read from the inner
+    optimizer). The applied γ_t is min(γ_t, ``max_coupling``,
+    ``clamp_fraction`` · b/η′); ``max_coupling`` is an absolute bound,
+    never rescaled by the calibration. ``state.coupling`` is the applied γ
+    and ``state.requested_coupling`` the schedule's, so a clamp shows in the
+    logs. With a custom inner optimizer that is not SGD-type only
+    ``max_coupling`` bounds γ.
+
+    Precision: the walker, its average, the anchor copy and the noise are
+    float32 (or wider) whatever the params' dtype; ``grad_fn`` receives the
+    walker cast to the params' dtype. So with bfloat16 params the Langevin
+    noise keeps its standard deviation ε √(2η′).
 
     Call: ``update(updates, state, params, *, grad_fn)``. ``params`` is the
     anchor x; ``updates`` is ignored; ``grad_fn(walker, i)`` returns the
@@ -475,46 +654,48 @@ def entropy_sgd(
     ``jax.lax.scan`` of the same Langevin step :func:`entropy_sgd_stepwise`
     takes; the returned updates move x by one outer step.
 
-    Calibration (``calibrate_coupling=True``): the first inner loop runs with
-    γ = 0, then γ_0 = loss / (½ ‖x − x′‖²), with the loss averaged over that
-    loop's L minibatches and x′ the final walker, and the whole coupling
-    schedule is rescaled by γ_0 / coupling(0) (its shape, and its cap, scale
-    with it). If x′ = x exactly (zero gradient, no noise) the coupling is kept.
-
     BatchNorm: this transform is model-agnostic. Running statistics are
     handled by the training step (``flatjax.training``) in one of two
     documented modes: 'walker' (the authors' code: statistics keep updating
-    during the inner steps, carried through a ``lax.scan`` of
-    :func:`entropy_sgd_stepwise` updates) or 'anchor' (clean: only a forward
-    pass at the anchor x updates them).
+    during the inner steps) or 'anchor' (only a forward pass at x).
 
     Args:
-      learning_rate: η, learning rate of the default outer SGD (float or Optax
-        schedule over outer steps); ``None`` when ``outer_optimizer`` is given.
+      learning_rate: η of the default outer SGD (float or Optax schedule over
+        outer steps); ``None`` when ``outer_optimizer`` is given.
       inner_steps: L >= 1, Langevin steps (gradient evaluations) per outer step.
       coupling: γ >= 0, a float or an Optax schedule over outer steps (e.g.
-        :func:`flatjax.exponential_coupling`).
+        :func:`flatjax.exponential_coupling`; with calibration only its shape
+        counts, give the cap as ``max_coupling``).
       inner_learning_rate: η′ > 0 of the default inner SGD; it also sets the
         noise standard deviation ε √(2η′).
       noise: ε >= 0, Langevin noise scale.
       average_weight: α in [0, 1), weight of the old value in μ.
       inner_weight_decay: λ′ >= 0, weight decay of the default inner SGD.
-      inner_momentum: momentum in [0, 1) of the default inner SGD.
-      momentum: momentum in [0, 1) of the default outer SGD.
+      inner_momentum: β′ in [0, 1) of the default inner SGD.
+      inner_nesterov: whether that inner momentum is Nesterov's (authors: yes).
+      momentum: β in [0, 1) of the default outer SGD.
       nesterov: whether the default outer SGD uses Nesterov momentum.
-      weight_decay: weight decay of the default outer SGD (adds it · x to G).
+      weight_decay: λ, weight decay of the default outer SGD.
+      outer_scale: ``"coupling"``, ``"gradient"`` or ``"none"`` (above).
+      inner_coupling: ``"gradient"`` (the pull enters the inner optimizer) or
+        ``"update"`` (added as −η′γ(x′ − x) after it, Chaudhari's port).
+      calibrate_coupling: calibrate γ_0 (above).
+      calibration_step: the outer step t (>= 0) whose inner loop calibrates.
+      max_coupling: optional absolute bound on γ_t.
+      clamp_fraction: in (0, 1], fraction of the stability bound γ may reach.
       seed: seed of the PRNG key kept in the state.
-      calibrate_coupling: calibrate γ_0 after the first inner loop (above).
       unroll: ``unroll`` of the inner ``lax.scan`` (an int, or True for all L
         steps). ``"auto"`` unrolls all L steps on CPU and keeps the rolled
         loop elsewhere: XLA:CPU runs a rolled loop body markedly slower (five
         LeNet-5 SGD steps in a rolled scan took 2.3× five separate calls on
         this project's CPU, 1.06× unrolled), at a compile time that grows
         with L.
-      outer_optimizer: replaces the default outer SGD; it receives G at x.
-      inner_optimizer: replaces ``chain(add_decayed_weights(λ′), sgd(η′,
-        inner_momentum))``; it receives ∇L(x′) + γ (x′ − x) at the walker x′,
-        its state is reset at every outer step, and the noise is added after it.
+      outer_optimizer: replaces the default outer SGD; it receives x − μ (or
+        G, per ``outer_scale``) at x.
+      inner_optimizer: replaces ``chain(add_decayed_weights(λ′), sgd(η′, β′,
+        nesterov))``; it receives ∇L(x′) + γ (x′ − x) at the walker x′ (or
+        ∇L(x′) with ``inner_coupling="update"``), its state is reset at every
+        outer step, and the noise is added after it.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -535,12 +716,9 @@ def entropy_sgd(
       Pittorino et al., ICLR 2021, arXiv:2006.07897.
     """
     _check_unroll(unroll)
-    return _build(
-        "scan", learning_rate, inner_steps, coupling, inner_learning_rate, noise,
-        average_weight, inner_weight_decay, inner_momentum, momentum, nesterov,
-        weight_decay, seed, calibrate_coupling, outer_optimizer, inner_optimizer,
-        unroll=unroll,
-    )
+    hparams = dict(locals())
+    outer = _defaults_outer(learning_rate, momentum, nesterov, weight_decay, outer_optimizer)
+    return _scan_transform(_core(outer, hparams), unroll)
 
 
 def entropy_sgd_stepwise(
@@ -553,11 +731,17 @@ def entropy_sgd_stepwise(
     average_weight: float = 0.75,
     inner_weight_decay: float = 1e-4,
     inner_momentum: float = 0.0,
+    inner_nesterov: bool = True,
     momentum: float = 0.9,
     nesterov: bool = True,
     weight_decay: float = 0.0,
-    seed: int = 0,
+    outer_scale: str = "coupling",
+    inner_coupling: str = "gradient",
     calibrate_coupling: bool = False,
+    calibration_step: int = 1,
+    max_coupling: float | None = None,
+    clamp_fraction: float = 0.5,
+    seed: int = 0,
     outer_optimizer: optax.GradientTransformation | None = None,
     inner_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -575,8 +759,9 @@ def entropy_sgd_stepwise(
     carries BatchNorm statistics in 'walker' mode). Evaluate and checkpoint
     :func:`entropy_sgd_anchor`, not the params the loop holds. ``value`` (the
     minibatch loss at the walker) is needed only with
-    ``calibrate_coupling=True``. The first inner step starts from the anchor
-    stored in the state (``params`` there equals it up to rounding).
+    ``calibrate_coupling=True``. The anchor and the average live in the state
+    in float32 (or wider), and so does the walker when the params are in a
+    lower precision (the params then hold it rounded).
 
     Args:
       learning_rate, inner_steps, coupling, ...: as in :func:`entropy_sgd`;
@@ -601,11 +786,9 @@ def entropy_sgd_stepwise(
       Chaudhari et al., ICLR 2017, arXiv:1611.01838;
       Pittorino et al., ICLR 2021, arXiv:2006.07897.
     """
-    return _build(
-        "stepwise", learning_rate, inner_steps, coupling, inner_learning_rate, noise,
-        average_weight, inner_weight_decay, inner_momentum, momentum, nesterov,
-        weight_decay, seed, calibrate_coupling, outer_optimizer, inner_optimizer,
-    )
+    hparams = dict(locals())
+    outer = _defaults_outer(learning_rate, momentum, nesterov, weight_decay, outer_optimizer)
+    return _stepwise_transform(_core(outer, hparams))
 
 
 def scale_by_entropy_sgd(
@@ -617,24 +800,26 @@ def scale_by_entropy_sgd(
     average_weight: float = 0.75,
     inner_weight_decay: float = 1e-4,
     inner_momentum: float = 0.0,
-    seed: int = 0,
+    inner_nesterov: bool = True,
+    inner_coupling: str = "gradient",
     calibrate_coupling: bool = False,
+    calibration_step: int = 1,
+    max_coupling: float | None = None,
+    clamp_fraction: float = 0.5,
+    seed: int = 0,
     inner_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The Entropy-SGD primitive: returns G = γ_t (x − μ), the gradient of −F at x.
 
     Same call as :func:`entropy_sgd` (``update(updates, state, params, *,
     grad_fn)``, ``params`` = anchor x) but without an outer optimizer: chain
-    it with one, e.g. ``optax.chain(scale_by_entropy_sgd(), optax.sgd(1.0))``.
-    The arguments are those of :func:`entropy_sgd`.
+    it with one, e.g. ``optax.chain(scale_by_entropy_sgd(), optax.sgd(1.0))``
+    (this is ``outer_scale="gradient"``; for the authors' γ-scaled outer step
+    pass the optimizer as ``entropy_sgd(None, outer_optimizer=...)``). The
+    arguments are those of :func:`entropy_sgd`.
     """
-    return _scan_transform(
-        _EntropySGD(
-            optax.identity(), inner_steps, coupling, inner_learning_rate, noise,
-            average_weight, inner_weight_decay, inner_momentum, inner_optimizer,
-            calibrate_coupling, seed,
-        )
-    )
+    hparams = dict(locals(), outer_scale="gradient")
+    return _scan_transform(_core(optax.identity(), hparams))
 
 
 def _find_state(state) -> EntropySGDState:
@@ -672,7 +857,7 @@ def entropy_sgd_anchor(params, state):
       Array([1., 1., 1.], dtype=float32)
     """
     esgd = _find_state(state)
-    return params if esgd.anchor is None else esgd.anchor
+    return params if esgd.anchor is None else _cast_like(esgd.anchor, params)
 
 
 def entropy_sgd_coupling(state) -> jax.Array:

@@ -921,7 +921,7 @@ def local_entropy(
       \qquad \frac{∂F}{∂γ} = −\tfrac12 ⟨\|w − w̃\|^2⟩_γ,
 
     with ⟨·⟩_γ the Gibbs measure P(w|w̃) ∝ exp(−L(w) − (γ/2)‖w − w̃‖²)
-    (SPEC §1). Working with the normalised G(γ) = F + (d/2) log(γ/2π)
+    (the definition above). Working with the normalised G(γ) = F + (d/2) log(γ/2π)
     = log E_{N(w̃, I/γ)}[e^{−L}], whose derivative vanishes as γ → ∞,
 
     .. math::

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from flatjax._schedules import value_at_zero
+from flatjax._stability import learning_rate_at, probe_sgd, stable_coupling_step
 
 __all__ = [
     "ReplicateState",
@@ -61,9 +62,10 @@ class ReplicateState(NamedTuple):
       count: int32 scalar, number of updates applied so far (the step t at
         which the coupling and learning-rate schedules are evaluated).
       coupling: float32 scalar, the coupling γ applied by the latest update
-        (before the first update: the γ the first update will apply). With
-        ``coupling_step="explicit"`` and a ``learning_rate`` this is the
-        clamped value, so a clamp shows up in logs.
+        (before the first update: the γ the first update will apply), after
+        the stability clamp and ``max_coupling``.
+      requested_coupling: float32 scalar, the schedule's γ at the same step;
+        larger than ``coupling`` exactly when the clamp engaged.
       center_distance: float32 scalar, mean_a ‖wᵃ − c‖² (summed over all
         leaves) at the parameters the latest update received: a diagnostic
         for logging; growth over steps signals a coupling that overshoots.
@@ -77,6 +79,7 @@ class ReplicateState(NamedTuple):
 
     count: jax.Array
     coupling: jax.Array
+    requested_coupling: jax.Array
     center_distance: jax.Array
     base_state: optax.OptState
     center: Any
@@ -227,61 +230,73 @@ def replicate(
     coupling: float | optax.Schedule,
     *,
     axis_name: Hashable | None = None,
-    learning_rate: float | optax.Schedule | None = None,
-    coupling_step: str = "proximal",
-    max_coupling_step: float = 1.0,
+    coupling_step: str = "explicit",
+    max_coupling: float | None = None,
+    clamp_fraction: float = 0.5,
     center_optimizer: optax.GradientTransformation | None = None,
+    learning_rate: float | optax.Schedule | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replicated-SGD: run ``base_optimizer`` on y elastically coupled replicas.
 
     Each replica a minimises L_{batch a}(wᵃ) + (γ/2)‖wᵃ − c‖², c the centre.
     ``update(grads, state, params)`` takes ``grads`` = ∇L_{batch a}(wᵃ) and
     ``params`` = wᵃ stacked on a leading axis of size y (``num_replicas``),
-    and returns stacked updates. Two ways to apply the coupling:
+    and returns stacked updates. Two rules, two different algorithms:
 
-    - ``coupling_step="proximal"`` (default; needs ``learning_rate`` η): the
-      base optimizer steps on the data gradient alone, vᵃ = wᵃ + u_base(gᵃ),
-      then the coupling is applied as its exact proximal (implicit Euler) step
+    - ``coupling_step="explicit"`` (default; the rule of Pittorino et al.'s
+      code): the base optimizer steps on gᵃ + γ(wᵃ − c), c = mean_b wᵇ. The
+      coupling enters the momentum, so Nesterov 0.9 amplifies the pull about
+      10× over plain SGD; γ values from the authors carry over (γ = 2g, below).
+    - ``coupling_step="proximal"``: the base optimizer steps on the data
+      gradient alone, vᵃ = wᵃ + u_base(gᵃ), then the coupling is applied as
+      its exact proximal (implicit Euler) step wᵃ ← c̄ + (vᵃ − c̄)/(1 + ηγ),
+      c̄ = mean_b vᵇ: a contraction for every γ ≥ 0, but outside the
+      momentum, so at the same γ the replicas are coupled about 10× more
+      weakly than by the explicit rule under Nesterov 0.9; its γ has a scale
+      of its own.
 
-          wᵃ ← c̄ + (vᵃ − c̄) / (1 + η γ),      c̄ = mean_b vᵇ,
+    Stability (never silent): on the coupling alone, wᵃ − c follows a linear
+    recurrence that is stable only while ηγ < 2 (SGD), 2(1 + β) (heavy ball)
+    or 2(1 + β)/(1 + 2β) (Nesterov; 1.357 for β = 0.9). η, β and the kind of
+    momentum are read from ``base_optimizer`` itself (``flatjax`` probes it
+    on a scalar; schedules are read at every step), and the applied γ is
 
-      the exact minimiser of Σ_a (γ/2)‖wᵃ − mean(w)‖² + ‖w − v‖²/(2η). It is a
-      contraction towards the centre for every γ ≥ 0, so no γ schedule can
-      make it diverge. For SGD (with or without momentum) it moves the centre
-      exactly as the explicit step does, and for plain SGD it agrees with the
-      explicit step to first order in ηγ. The coupling does not enter the
-      base optimizer's momentum.
-    - ``coupling_step="explicit"``: the authors' rule; the base optimizer
-      steps on gᵃ + γ(wᵃ − c), c = mean_b wᵇ (coupling included in momentum).
-      For plain SGD the distance to the centre is multiplied by |1 − ηγ| per
-      step: it overshoots the centre above ηγ = 1 and diverges above 2 (with
-      momentum β, heavy ball diverges above 2(1 + β), Nesterov above
-      2(1 + β)/(1 + 2β)). When ``learning_rate`` is given, γ is clamped to
-      ``max_coupling_step / η`` (default 1: the step lands on the centre, and
-      Nesterov 0.9 stays stable); ``replicate_coupling(state)`` reports the
-      clamped γ. Without ``learning_rate`` nothing is clamped; watch
-      ``state.center_distance``.
+        γ = min(γ(t), max_coupling, clamp_fraction · γ_stable(t))
 
-    Why the proximal default: γ grows by orders of magnitude during scoping,
-    and the learning rate is the one quantity that says where that becomes
-    unstable; requiring it makes the safe path the default, and the implicit
-    step is stable for any schedule rather than only up to a clamp.
+    with γ_stable = bound/η (explicit rule). With an explicit centre moved by
+    ``center_optimizer`` (rate η_c, bound b_c) the centre's own step η_c γ y
+    must be stable too: γ_stable = 1/(η/b + η_c y/b_c), exact for plain SGD.
+    The default ``clamp_fraction`` 0.5 makes plain SGD land each step on the
+    centre. ``state.coupling`` is the applied γ and ``state.requested_coupling``
+    the schedule's, so a clamp shows in the logs (``flatjax.training`` logs
+    both and warns). A base optimizer that is not SGD-type (Adam: its steps
+    are bounded by its learning rate) is clamped only at ``max_coupling``.
 
     Centre: by default c is the mean of the replicas (a constant in the
     gradient; Σ_a (wᵃ − c) = 0 makes that exact). With ``center_optimizer``
     the centre is a variable of its own kept in ``state.center`` (initialised
     at the mean), moved by the coupling gradient γ Σ_a (c − wᵃ) through that
-    optimizer, and the replicas are pulled towards it (the proximal step then
-    uses c instead of c̄). Evaluate with ``replica_center(params, state=state)``.
+    optimizer (the authors' ``use_center``, whose SGD is the replicas' own),
+    and the replicas are pulled towards it. Evaluate
+    ``replica_center(params, state=state)``.
+
+    The authors' names (SacredDNN ``robust_dnn.py``, ``RobustNet``): their loss
+    is (1/y) Σ_a L_a + g · mean_a ‖wᵃ − c‖² (no ½) with the learning rate
+    multiplied by y, so per replica it is this rule with γ = 2g, the same η,
+    and weight decay y·wd (PyTorch's decay is scaled by the lr, hence by y):
+    build ``base_optimizer`` as ``chain(add_decayed_weights(y * wd), sgd(lr,
+    0.9, nesterov=True))``. Their balanced g₀ gives γ₀ = 2g₀
+    (:func:`balanced_coupling` returns γ₀); ``grate``/``gmax`` (total growth
+    factor) are ``flatjax.exponential_coupling(γ₀, steps, factor=gmax,
+    steps_per_update=steps_per_epoch)``.
 
     Devices: with ``axis_name`` the function must run where that axis is
     bound (``shard_map``/``pmap``); each device holds y / n replicas on the
     leading axis and c is a ``pmean``; the state's ``base_state`` is sharded
     like the params and its other fields are replicated (shard_map spec
-    ``ReplicateState(P(), P(), P(), P(axis), P(), P())``). Where the axis is
-    not bound (e.g. ``init`` outside ``shard_map``) all y replicas must be
-    present. Under a sharded ``jit`` use ``axis_name=None``: the replica axis
-    may be sharded over a mesh and the numbers match one device.
+    ``ReplicateState(P(), P(), P(), P(), P(axis), P(), P())``). Where the axis
+    is not bound (e.g. ``init`` outside ``shard_map``) all y replicas must be
+    present. Under a sharded ``jit`` use ``axis_name=None``.
 
     Cost: one update costs y gradient evaluations (one per replica, each on
     its own minibatch), so one epoch of every replica is y SGD epochs.
@@ -293,15 +308,18 @@ def replicate(
         it unmapped.
       num_replicas: y >= 1.
       coupling: γ >= 0, a float or an Optax schedule ``step -> γ`` evaluated
-        at ``state.count`` (see ``flatjax.exponential_coupling``). Coupling
-        values from the authors' code (written g‖w − c‖², no ½) are g = γ/2:
+        at ``state.count``. Coupling values from the authors' code are g = γ/2:
         pass γ = 2g.
       axis_name: named mesh/pmap axis the replicas are spread over, or None.
-      learning_rate: η of the base optimizer (float or schedule, the same
-        one), used by the proximal step and by the explicit step's clamp.
-      coupling_step: ``"proximal"`` or ``"explicit"``, see above.
-      max_coupling_step: largest η·γ the explicit step may take (> 0).
+      coupling_step: ``"explicit"`` (default) or ``"proximal"``, see above.
+      max_coupling: optional absolute bound on the applied γ (> 0).
+      clamp_fraction: in (0, 1], the fraction of the stability bound γ may
+        reach.
       center_optimizer: optimizer of an explicit centre, or None for the mean.
+      learning_rate: not needed for SGD-type base optimizers (η is read from
+        them; a value given here must agree with it, else ``ValueError``).
+        Required only by the proximal step of a base optimizer that is not
+        SGD-type.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state
@@ -309,13 +327,13 @@ def replicate(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, flatjax
-      >>> params = jnp.array([[0.0, 2.0], [2.0, 0.0]])  # y = 2 replicas
-      >>> opt = flatjax.replicate(optax.sgd(0.5), 2, coupling=1.0, learning_rate=0.5)
+      >>> params = jnp.array([[0.0, 2.0], [2.0, 0.0]])  # y = 2 replicas, c = (1, 1)
+      >>> opt = flatjax.replicate(optax.sgd(0.25), 2, coupling=1.0)
       >>> state = opt.init(params)
       >>> updates, state = opt.update(jnp.zeros_like(params), state, params)
-      >>> optax.apply_updates(params, updates).round(4)  # c = (1, 1); w − c shrinks by 1.5
-      Array([[0.3333, 1.6667],
-             [1.6667, 0.3333]], dtype=float32)
+      >>> optax.apply_updates(params, updates)  # w − c shrinks by 1 − ηγ = 0.75
+      Array([[0.25, 1.75],
+             [1.75, 0.25]], dtype=float32)
 
     References:
       Pittorino et al., ICLR 2021, arXiv:2006.07897; Baldassi et al., PNAS
@@ -335,13 +353,12 @@ def replicate(
         _check_nonnegative_hparam("learning_rate", learning_rate)
     if coupling_step not in _COUPLING_STEPS:
         raise ValueError(f"coupling_step must be one of {_COUPLING_STEPS}, got {coupling_step!r}.")
-    if coupling_step == "proximal" and learning_rate is None:
-        raise ValueError(
-            'coupling_step="proximal" (the default) needs the base optimizer\'s '
-            "learning_rate; pass learning_rate=..., or coupling_step=\"explicit\" for the "
-            "unclamped explicit step."
-        )
-    _check_nonnegative_hparam("max_coupling_step", max_coupling_step, positive=True)
+    if max_coupling is not None:
+        _check_nonnegative_hparam("max_coupling", max_coupling, positive=True)
+    if isinstance(clamp_fraction, bool) or not isinstance(clamp_fraction, numbers.Real) or not (
+        0 < clamp_fraction <= 1
+    ):
+        raise ValueError(f"clamp_fraction must be a number in (0, 1], got {clamp_fraction!r}.")
     if center_optimizer is not None and not isinstance(
         center_optimizer, optax.GradientTransformation
     ):
@@ -350,13 +367,53 @@ def replicate(
             f"got {center_optimizer!r}."
         )
     base = optax.with_extra_args_support(base_optimizer)
+    probe = probe_sgd(base_optimizer)
+    if learning_rate is not None and probe is not None:
+        given = float(_value_at(learning_rate, probe.count))
+        if not math.isclose(given, probe.learning_rate, rel_tol=1e-4):
+            raise ValueError(
+                f"learning_rate={given!r} (at step {probe.count}) does not match the base "
+                f"optimizer's own learning rate {probe.learning_rate:.6g}; drop learning_rate=, "
+                "replicate reads it from base_optimizer."
+            )
+    if coupling_step == "proximal" and probe is None and learning_rate is None:
+        raise ValueError(
+            'coupling_step="proximal" needs the base optimizer\'s learning rate, and this '
+            "base optimizer is not SGD-type (its rate cannot be read from it); pass "
+            'learning_rate=..., or use coupling_step="explicit".'
+        )
+    center_probe = None
+    if center_optimizer is not None:
+        center_probe = probe_sgd(center_optimizer)
 
-    def applied_coupling(count):
-        gamma = _value_at(coupling, count)
-        if coupling_step == "explicit" and learning_rate is not None:
-            eta = _value_at(learning_rate, count)
-            gamma = jnp.minimum(gamma, max_coupling_step / eta)  # η = 0 gives ∞: no clamp
-        return gamma
+    def eta_at(count):
+        if probe is not None:
+            return learning_rate_at(base_optimizer, probe, count)
+        return _value_at(learning_rate, count)
+
+    def stable_gamma(count):
+        """clamp_fraction × the largest stable γ at step ``count`` (∞ when unknown)."""
+        slowness = jnp.zeros((), jnp.float32)  # Σ η_i / bound_i; γ_stable = 1 / slowness
+        known = False
+        if coupling_step == "explicit" and probe is not None:
+            bound = stable_coupling_step(probe.momentum, probe.nesterov)
+            slowness = slowness + eta_at(count) / bound
+            known = True
+        if center_probe is not None:
+            bound = stable_coupling_step(center_probe.momentum, center_probe.nesterov)
+            eta_c = learning_rate_at(center_optimizer, center_probe, count)
+            slowness = slowness + eta_c * num_replicas / bound
+            known = True
+        if not known:
+            return jnp.full((), jnp.inf, jnp.float32)
+        return jnp.where(slowness > 0, clamp_fraction / jnp.maximum(slowness, 1e-30), jnp.inf)
+
+    def couplings(count):
+        requested = _value_at(coupling, count)
+        applied = jnp.minimum(requested, stable_gamma(count))
+        if max_coupling is not None:
+            applied = jnp.minimum(applied, jnp.float32(max_coupling))
+        return requested, applied
 
     def init_fn(params):
         _check_replica_axis(params, _local_size(num_replicas, axis_name), "params")
@@ -370,9 +427,11 @@ def replicate(
             reference = center
         diff = jax.tree.map(lambda w, c: w - c, params, reference)
         count = jnp.zeros([], jnp.int32)
+        requested, applied = couplings(count)
         return ReplicateState(
             count=count,
-            coupling=applied_coupling(count),
+            coupling=applied,
+            requested_coupling=requested,
             center_distance=_mean_sq_distance(diff, axis_name),
             base_state=jax.vmap(base.init)(params),
             center=center,
@@ -386,7 +445,7 @@ def replicate(
         _check_replica_axis(params, local, "params")
         _check_replica_axis(updates, local, "updates")
         _check_same_tree(updates, params)
-        gamma = applied_coupling(state.count)
+        requested, gamma = couplings(state.count)
         center = _tree_mean(params, axis_name) if center_optimizer is None else state.center
         diff = jax.tree.map(lambda w, c: w - c, params, center)
 
@@ -400,7 +459,7 @@ def replicate(
             data_updates, base_state = jax.vmap(base_update)(updates, state.base_state, params)
             moved = optax.apply_updates(params, data_updates)
             anchor = _tree_mean(moved, axis_name) if center_optimizer is None else center
-            shrink = 1.0 / (1.0 + _value_at(learning_rate, state.count) * gamma)
+            shrink = 1.0 / (1.0 + eta_at(state.count) * gamma)
             new_updates = jax.tree.map(
                 lambda v, a, w: (a + (v - a) * shrink - w).astype(w.dtype), moved, anchor, params
             )
@@ -420,6 +479,7 @@ def replicate(
         new_state = ReplicateState(
             count=optax.safe_int32_increment(state.count),
             coupling=gamma,
+            requested_coupling=requested,
             center_distance=_mean_sq_distance(diff, axis_name),
             base_state=base_state,
             center=new_center,
@@ -628,12 +688,14 @@ def recompute_batch_stats(apply_fn: Callable, variables, batches: Iterable):
 def balanced_coupling(losses, params, *, axis_name=None) -> jax.Array:
     """γ₀ that balances the data term against the coupling at initialisation.
 
-        γ₀ = mean_a L(wᵃ) / mean_a ‖wᵃ − c‖²,     c = mean_a wᵃ
+        γ₀ = 2 g₀,     g₀ = mean_a L(wᵃ) / mean_a ‖wᵃ − c‖²,     c = mean_a wᵃ
 
-    the rule of SPEC §3 (Pittorino et al. 2021). With it the elastic energy
-    (γ₀/2)‖wᵃ − c‖² is, on average, half the data loss. Convention: the
-    authors' code writes its coupling as g‖w − c‖² (no ½), so its g is γ/2
-    here; a g read from their configs is γ = 2g.
+    the authors' rule (Pittorino et al. 2021, SacredDNN ``robust_dnn.py`` with
+    ``g=None``): their coupling is written g‖w − c‖² (no ½) and g₀ makes it
+    equal, on average, to the data loss. In flatjax's (γ/2)‖w − c‖² that is
+    γ₀ = 2g₀. The authors measure L as the mean training loss over the whole
+    training set with the networks in evaluation mode, before training; pass
+    those per-replica means as ``losses``.
 
     Args:
       losses: per-replica losses, shape (y,) (local y under ``axis_name``).
@@ -646,8 +708,8 @@ def balanced_coupling(losses, params, *, axis_name=None) -> jax.Array:
     Example:
       >>> import jax.numpy as jnp, flatjax
       >>> params = jnp.array([[0.0, 0.0], [2.0, 0.0]])  # ‖wᵃ − c‖² = 1 for both
-      >>> float(flatjax.balanced_coupling(jnp.array([1.0, 3.0]), params))
-      2.0
+      >>> float(flatjax.balanced_coupling(jnp.array([1.0, 3.0]), params))  # 2 · 2 / 1
+      4.0
     """
     losses = jnp.asarray(losses)
     if losses.ndim != 1:
@@ -663,7 +725,8 @@ def balanced_coupling(losses, params, *, axis_name=None) -> jax.Array:
         mean_loss = jax.lax.pmean(mean_loss, axis_name)
     distance = _mean_sq_distance(diff, axis_name)
     # Coinciding replicas give inf (documented), also when the losses are 0 (not 0/0 = NaN).
-    return jnp.where(distance > 0, mean_loss / jnp.where(distance > 0, distance, 1.0), jnp.inf)
+    ratio = 2.0 * mean_loss / jnp.where(distance > 0, distance, 1.0)
+    return jnp.where(distance > 0, ratio, jnp.inf)
 
 
 # --------------------------------------------------------------------------- execution

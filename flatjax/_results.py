@@ -9,7 +9,7 @@ folders into one markdown table and PNG figures.
 
 References:
   Pittorino et al., "Entropic gradient descent algorithms and wide flat
-  minima", ICLR 2021, arXiv 2006.07897 (local energy, §4 of SPEC.md).
+  minima", ICLR 2021, arXiv 2006.07897 (local energy).
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def measure_flatness(
     δE(w, σ) = E_z[E(w ⊙ (1 + σ z))] − E(w), z ~ N(0, I), with E the
     classification error in percent over the whole ``split`` (network in
     eval mode, BatchNorm statistics frozen), estimated with ``num_draws``
-    draws per σ (:func:`flatjax.local_energy`, SPEC.md §4). For
+    draws per σ (:func:`flatjax.local_energy`). For
     Replicated-SGD this is the centre, for Entropy-SGD the anchor.
 
     Args:

@@ -710,7 +710,7 @@ def classifier_local_energy(
 
     and a loss is averaged over g by Gauss–Hermite quadrature with
     ``num_nodes`` nodes. Multiplicative noise leaves δE of the error
-    invariant to positive rescalings of (w, b). This is SPEC §4's local
+    invariant to positive rescalings of (w, b). This is the paper's local
     energy with the expectation done in closed form.
 
     Args:

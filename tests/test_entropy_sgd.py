@@ -248,37 +248,71 @@ def test_coupling_follows_schedule():
 
 
 @pytest.mark.parametrize("mode", ["scan", "stepwise"])
-def test_calibration_closed_form(mode):
-    # L = 1, ε = 0, λ′ = 0, momentum 0; the first inner loop runs with γ = 0:
-    #   x′ = x − η′ g,  loss = L(x)  →  γ̂0 = L(x) / (½ ‖η′ g‖²)
-    #   μ = α x + (1 − α) x′,  G = γ̂0 (1 − α) η′ g,  x ← x − η G
-    # and with a constant coupling the next γ is γ̂0.
+@pytest.mark.parametrize("calibration_step", [0, 1])
+def test_calibration_closed_form(mode, calibration_step):
+    # L = 1, ε = 0, λ′ = 0, momentum 0 (the authors' rule, their gtime = calibration_step):
+    # outer steps t <= gtime run with γ = 0 and have size zero (γ-scaled outer
+    # step); the inner loop of t = gtime gives x′ = x − η′ g with the loss L(x)
+    # of its last minibatch, γ̂0 = L(x) / (½ ‖η′ g‖²). At t = gtime + 1, with a
+    # constant coupling: μ = α x + (1 − α) x′ and x ← x − η γ̂0 (1 − α) η′ g.
     q = quadratic(dim=3, seed=5, centred=False)
     x = jnp.asarray([0.5, -1.0, 2.0])
-    eta, eta_in, alpha = 0.2, 0.05, 0.75
+    eta, eta_in, alpha = 0.2, 0.1, 0.75
     g = np.asarray(q.grad(x), np.float64)
     gamma_hat = float(q.loss(x)) / (0.5 * eta_in**2 * g @ g)
     expected = np.asarray(x) - eta * gamma_hat * (1 - alpha) * eta_in * g
     kw = dict(
         inner_steps=1, coupling=3.0, inner_learning_rate=eta_in, noise=0.0,
         average_weight=alpha, inner_weight_decay=0.0, momentum=0.0,
-        calibrate_coupling=True,
+        calibrate_coupling=True, calibration_step=calibration_step, clamp_fraction=1.0,
     )
     if mode == "scan":
         opt = flatjax.entropy_sgd(eta, **kw)
         state = opt.init(x)
-        assert float(flatjax.entropy_sgd_coupling(state)) == 0.0
-        updates, state = opt.update(
-            None, state, x, grad_fn=lambda w, i: (q.grad(w), q.loss(w))
-        )
-        new_x = x + updates
+        params = x
+        for t in range(calibration_step + 2):
+            assert float(flatjax.entropy_sgd_coupling(state)) == (
+                0.0 if t <= calibration_step else pytest.approx(gamma_hat, rel=1e-4)
+            )
+            updates, state = opt.update(
+                None, state, params, grad_fn=lambda w, i: (q.grad(w), q.loss(w))
+            )
+            params = params + updates
+            if t <= calibration_step:
+                np.testing.assert_array_equal(params, x)  # zero-size outer steps
     else:
         opt = flatjax.entropy_sgd_stepwise(eta, **kw)
-        new_x, state = _run_stepwise(
-            opt, lambda w, c: q.grad(w), x, calls=1, value_of=lambda w, c: q.loss(w)
+        params, state = _run_stepwise(
+            opt, lambda w, c: q.grad(w), x, calls=calibration_step + 2,
+            value_of=lambda w, c: q.loss(w),
         )
-    np.testing.assert_allclose(new_x, expected, rtol=1e-4)
+    np.testing.assert_allclose(params, expected, rtol=1e-4)
     assert float(flatjax.entropy_sgd_coupling(state)) == pytest.approx(gamma_hat, rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["scan", "stepwise"])
+def test_calibration_reads_the_last_inner_loss(mode):
+    # L = 2 on a linear loss (constant gradient g): x′_2 = x − 2η′g whatever γ = 0;
+    # the inner losses are 10 (i = 0) and 1 (i = 1): γ̂0 = 1 / (½ ‖2η′g‖²).
+    g = jnp.asarray([1.0, -2.0])
+    x = jnp.zeros(2)
+    eta_in = 0.1
+    losses = jnp.asarray([10.0, 1.0])
+    kw = dict(
+        inner_steps=2, coupling=1.0, inner_learning_rate=eta_in, noise=0.0,
+        inner_weight_decay=0.0, calibrate_coupling=True, calibration_step=0,
+        clamp_fraction=1.0,
+    )
+    expected = 1.0 / (0.5 * (2 * eta_in) ** 2 * float(g @ g))
+    if mode == "scan":
+        opt = flatjax.entropy_sgd(0.1, **kw)
+        _, state = opt.update(None, opt.init(x), x, grad_fn=lambda w, i: (g, losses[i]))
+    else:
+        opt = flatjax.entropy_sgd_stepwise(0.1, **kw)
+        _, state = _run_stepwise(
+            opt, lambda w, c: g, x, calls=2, value_of=lambda w, c: losses[c]
+        )
+    assert float(flatjax.entropy_sgd_coupling(state)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_calibration_with_zero_displacement_keeps_coupling():
@@ -287,8 +321,10 @@ def test_calibration_with_zero_displacement_keeps_coupling():
     )
     x = jnp.zeros(3)
     grad_fn = lambda w, i: (jnp.zeros_like(w), jnp.float32(1.0))
-    updates, state = opt.update(None, opt.init(x), x, grad_fn=grad_fn)
-    assert np.all(np.isfinite(updates))
+    state = opt.init(x)
+    for _ in range(2):  # t = 0, 1 = calibration_step
+        updates, state = opt.update(None, state, x, grad_fn=grad_fn)
+        assert np.all(np.isfinite(updates))
     assert float(flatjax.entropy_sgd_coupling(state)) == pytest.approx(3.0)
 
 
@@ -429,3 +465,99 @@ def test_custom_optimizers():
     )
     updates, _ = opt.update(None, opt.init(x), x, grad_fn=lambda w, i: q.grad(w))
     assert float(q.loss(x + updates)) < float(q.loss(x))
+
+
+# --- stability and precision -------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["scan", "stepwise"])
+@pytest.mark.parametrize("inner_momentum", [0.0, 0.9])
+def test_calibrated_coupling_past_the_bound_is_clamped_and_logged(mode, inner_momentum):
+    # A calibrated γ_0 times a 1e6 growth factor would put η′γ far above the
+    # inner step's stability bound; the applied γ stays at half the bound
+    # (Nesterov β′: 2(1 + β′)/(1 + 2β′) / η′), the request is visible, x finite.
+    from flatjax._stability import stable_coupling_step
+
+    q = quadratic(dim=4, seed=3, centred=False)
+    x = jnp.full(4, 2.0)
+    eta_in = 0.1
+    schedule = flatjax.exponential_coupling(1.0, total_steps=10, factor=1e6)
+    kw = dict(
+        inner_steps=3, coupling=schedule, inner_learning_rate=eta_in, noise=0.0,
+        inner_momentum=inner_momentum, calibrate_coupling=True, calibration_step=0,
+    )
+    bound = 0.5 * stable_coupling_step(inner_momentum, True) / eta_in
+    if mode == "scan":
+        opt = flatjax.entropy_sgd(0.5, **kw)
+        state, params = opt.init(x), x
+        for _ in range(12):
+            updates, state = opt.update(
+                None, state, params, grad_fn=lambda w, i: (q.grad(w), q.loss(w))
+            )
+            params = params + updates
+        anchor = params
+    else:
+        opt = flatjax.entropy_sgd_stepwise(0.5, **kw)
+        params, state = _run_stepwise(
+            opt, lambda w, c: q.grad(w), x, calls=36, value_of=lambda w, c: q.loss(w)
+        )
+        anchor = flatjax.entropy_sgd_anchor(params, state)
+    assert np.all(np.isfinite(anchor))
+    assert float(state.requested_coupling) > 10 * bound
+    assert float(flatjax.entropy_sgd_coupling(state)) == pytest.approx(bound, rel=1e-5)
+
+
+def test_max_coupling_is_absolute_under_calibration():
+    q = quadratic(dim=3, seed=5, centred=False)
+    x = jnp.asarray([0.5, -1.0, 2.0])
+    opt = flatjax.entropy_sgd(
+        0.2, inner_steps=1, coupling=flatjax.exponential_coupling(1.0, 10, 100.0),
+        inner_learning_rate=0.01, noise=0.0, calibrate_coupling=True, calibration_step=0,
+        max_coupling=0.7,
+    )
+    state, params = opt.init(x), x
+    for _ in range(3):
+        updates, state = opt.update(
+            None, state, params, grad_fn=lambda w, i: (q.grad(w), q.loss(w))
+        )
+        params = params + updates
+    assert float(state.requested_coupling) > 0.7
+    assert float(flatjax.entropy_sgd_coupling(state)) == pytest.approx(0.7)
+
+
+def test_bfloat16_params_keep_the_langevin_noise_std():
+    # ε √(2η′) = 1e-4 · √0.2 ≈ 4.47e-5, far below bfloat16's spacing at 1
+    # (2⁻⁷): the float32 walker in the state must carry it.
+    n, eps, eta_in = 200_000, 1e-4, 0.1
+    params = jnp.ones(n, jnp.bfloat16)
+    opt = flatjax.entropy_sgd_stepwise(
+        0.1, inner_steps=2, coupling=0.0, noise=eps, inner_learning_rate=eta_in,
+        inner_weight_decay=0.0,
+    )
+    state = opt.init(params)
+    assert state.walker.dtype == jnp.float32 and state.anchor.dtype == jnp.float32
+    updates, state = opt.update(jnp.zeros_like(params), state, params)
+    assert updates.dtype == jnp.bfloat16
+    moved = np.asarray(state.walker, np.float64) - 1.0
+    expected = eps * np.sqrt(2 * eta_in)
+    assert np.std(moved) == pytest.approx(expected, rel=0.02)
+    assert abs(np.mean(moved)) < 5 * expected / np.sqrt(n)
+    # scan mode: grad_fn sees the params' dtype, the outer step returns it.
+    seen = []
+    scan = flatjax.entropy_sgd(0.1, inner_steps=2, coupling=0.5)
+
+    def grad_fn(w, i):
+        seen.append(w.dtype)
+        return jnp.zeros_like(w)
+
+    updates, _ = scan.update(None, scan.init(params[:8]), params[:8], grad_fn=grad_fn)
+    assert set(seen) == {jnp.dtype(jnp.bfloat16)} and updates.dtype == jnp.bfloat16
+
+
+def test_fresh_stepwise_state_can_be_donated():
+    opt = flatjax.entropy_sgd_stepwise(0.1, inner_steps=2, noise=0.0)
+    params = jnp.ones(4)
+    state = opt.init(params)
+    step = jax.jit(lambda g, s, p: opt.update(g, s, p), donate_argnums=(1,))
+    updates, state = step(jnp.ones(4), state, params)
+    assert np.all(np.isfinite(updates))

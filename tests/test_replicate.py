@@ -94,7 +94,7 @@ def test_explicit_step_closed_form_with_fixed_center():
 def test_proximal_step_closed_form():
     q, eta, gamma = quadratic(DIM), 0.05, 4.0
     params = stacked_quadratic_params()
-    opt = flatjax.replicate(optax.sgd(eta), Y, gamma, learning_rate=eta)
+    opt = flatjax.replicate(optax.sgd(eta), Y, gamma, coupling_step="proximal")
     got, _ = run(opt, params, lambda w: w @ q.hessian.T, steps=3)
     w = np.asarray(params, np.float64)
     for _ in range(3):
@@ -138,7 +138,8 @@ def test_balanced_coupling_closed_form():
     losses = jnp.array([1.0, 2.0, 6.0])
     w = np.asarray(params["w"])
     dist = np.mean(np.sum((w - w.mean(0)) ** 2, axis=1))
-    assert float(flatjax.balanced_coupling(losses, params)) == pytest.approx(3.0 / dist)
+    # The authors' g₀ = mean loss / mean ‖wᵃ − c‖² is a g (g‖w − c‖², no ½): γ₀ = 2g₀.
+    assert float(flatjax.balanced_coupling(losses, params)) == pytest.approx(2 * 3.0 / dist)
 
 
 def test_average_batch_stats_is_mean():
@@ -194,25 +195,86 @@ def test_global_norm_clipping_does_not_mix_replicas():
 # --------------------------------------------------------------------- numerics
 
 
-def test_overshoot_remedies_prevent_divergence():
-    eta, gamma, steps = 1.0, 3.0, 12  # η·γ = 3 > 2: the plain explicit step diverges
+def _coupling_recurrence_growth(a, momentum, nesterov, steps=400):
+    """|d_T / d_0| of the explicit coupling recurrence d ← d − η·trace(γ d), ηγ = a."""
+    d, b = 1.0, 0.0
+    for _ in range(steps):
+        g = d  # γ d with η γ = a folded into the step below
+        b = momentum * b + g
+        d = d - a * ((g + momentum * b) if nesterov else b)
+    return abs(d)
+
+
+@pytest.mark.parametrize(
+    "momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True), (0.5, True)]
+)
+def test_stable_coupling_step_is_the_recurrence_bound(momentum, nesterov):
+    from flatjax._stability import stable_coupling_step
+
+    bound = stable_coupling_step(momentum, nesterov)
+    assert _coupling_recurrence_growth(0.98 * bound, momentum, nesterov) < 1.0
+    assert _coupling_recurrence_growth(1.02 * bound, momentum, nesterov) > 1e3
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optax.sgd(1.0),
+        lambda: optax.sgd(0.5, momentum=0.9),
+        lambda: optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.1, 0.9, nesterov=True)),
+        lambda: optax.sgd(optax.linear_schedule(0.01, 0.3, 20), 0.9, nesterov=True),
+    ],
+    ids=["sgd", "heavy-ball", "nesterov-wd", "nesterov-schedule"],
+)
+@pytest.mark.parametrize("mode", ["explicit", "proximal", "explicit-center"])
+def test_no_mode_diverges_and_the_clamp_is_logged(make, mode):
+    # γ = 1e4 is far past every bound (ηγ ≥ 100): unclamped, the explicit
+    # step multiplies w − c by |1 − ηγ| ≥ 99 per step.
+    kwargs = {"coupling_step": "proximal"} if mode == "proximal" else {}
+    if mode == "explicit-center":
+        kwargs["center_optimizer"] = optax.sgd(0.05, momentum=0.9, nesterov=True)
     params = stacked_quadratic_params()
-    zero = jnp.zeros_like
     d0 = float(np.mean(np.sum((params - params.mean(0)) ** 2, axis=1)))
-    plain = flatjax.replicate(optax.sgd(eta), Y, gamma, coupling_step="explicit")
-    p, s = run(plain, params, zero, steps)
-    _, s = plain.update(zero(p), s, p)  # record the distance of the final params
-    # Each step multiplies w − c by (1 − ηγ) = −2: the squared distance by 4.
-    assert float(s.center_distance) == pytest.approx(d0 * 4.0**steps, rel=1e-4)
-    for opt in (
-        flatjax.replicate(optax.sgd(eta), Y, gamma, learning_rate=eta),
-        flatjax.replicate(optax.sgd(eta), Y, gamma, learning_rate=eta, coupling_step="explicit"),
-    ):
-        p, s = run(opt, params, zero, steps)
-        spread = float(np.mean(np.sum((np.asarray(p) - np.asarray(p).mean(0)) ** 2, axis=1)))
-        assert spread <= d0 / (1 + eta * gamma) ** 2 + 1e-6
-    # The clamp is visible in the logged coupling: min(γ, max_coupling_step / η).
-    assert float(flatjax.replicate_coupling(s)) == pytest.approx(1.0)
+    opt = flatjax.replicate(make(), Y, 1e4, **kwargs)
+    p, s = run(opt, params, jnp.zeros_like, 30)
+    _, s = opt.update(jnp.zeros_like(p), s, p)
+    assert np.isfinite(float(s.center_distance))
+    assert float(s.center_distance) <= d0
+    if mode != "proximal":
+        assert float(s.requested_coupling) == pytest.approx(1e4)
+        assert float(flatjax.replicate_coupling(s)) < 1e3  # the clamp shows in the state
+
+
+def test_clamp_is_half_the_stability_bound_for_the_probed_rate():
+    from flatjax._stability import stable_coupling_step
+
+    for base, eta, beta, nesterov in [
+        (optax.sgd(0.2), 0.2, 0.0, False),
+        (optax.sgd(0.1, 0.9, nesterov=True), 0.1, 0.9, True),
+        (optax.sgd(0.1, 0.9), 0.1, 0.9, False),
+    ]:
+        opt = flatjax.replicate(base, Y, 1e6)
+        state = opt.init(stacked_quadratic_params())
+        expected = 0.5 * stable_coupling_step(beta, nesterov) / eta
+        assert float(state.coupling) == pytest.approx(expected, rel=1e-5)
+    # An explicit centre: γ_stable = 1 / (η / b + η_c y / b_c), exact for plain SGD.
+    opt = flatjax.replicate(optax.sgd(0.2), Y, 1e6, center_optimizer=optax.sgd(0.1))
+    state = opt.init(stacked_quadratic_params())
+    assert float(state.coupling) == pytest.approx(0.5 / (0.2 / 2 + 0.1 * Y / 2), rel=1e-5)
+    # max_coupling is an absolute bound on top.
+    opt = flatjax.replicate(optax.sgd(0.2), Y, 1e6, max_coupling=0.3)
+    assert float(opt.init(stacked_quadratic_params()).coupling) == pytest.approx(0.3)
+
+
+def test_learning_rate_is_read_from_the_base_optimizer():
+    with pytest.raises(ValueError, match="does not match the base optimizer's own learning rate"):
+        flatjax.replicate(optax.sgd(0.1, 0.9, nesterov=True), Y, 1.0, learning_rate=0.2)
+    flatjax.replicate(optax.sgd(0.1, 0.9, nesterov=True), Y, 1.0, learning_rate=0.1)
+    with pytest.raises(ValueError, match="not SGD-type"):
+        flatjax.replicate(optax.adam(1e-3), Y, 1.0, coupling_step="proximal")
+    # Adam is not clamped by a bound it does not have; max_coupling still applies.
+    opt = flatjax.replicate(optax.adam(1e-3), Y, 1e6, max_coupling=5.0)
+    assert float(opt.init(stacked_quadratic_params()).coupling) == pytest.approx(5.0)
 
 
 def test_coupling_schedule_is_logged():
@@ -349,7 +411,7 @@ def test_shard_map_matches_one_device(n, center):
     ref_params, ref_state = _single_device_reference(center)
     params, xs, ys, loss_fn = _mlp_training_setup()
     opt = _make_opt("replica", center)
-    state_spec = flatjax.ReplicateState(P(), P(), P(), P("replica"), P(), P())
+    state_spec = flatjax.ReplicateState(P(), P(), P(), P(), P("replica"), P(), P())
     mesh = _mesh(n)
     if n == 2:  # init on each device's local replicas
         init = jax.shard_map(opt.init, mesh=mesh, in_specs=P("replica"), out_specs=state_spec)
@@ -416,9 +478,10 @@ def test_sharded_jit_matches_one_device(n):
         (dict(coupling=lambda t: -1.0 + 0 * t), ValueError, "value at step 0"),
         (dict(coupling="big"), TypeError, "coupling must be a non-negative float"),
         (dict(learning_rate=-1.0), ValueError, "learning_rate must be >= 0"),
-        (dict(learning_rate=None), ValueError, "needs the base optimizer's learning_rate"),
         (dict(coupling_step="implicit"), ValueError, "coupling_step must be one of"),
-        (dict(max_coupling_step=0.0), ValueError, "max_coupling_step must be positive"),
+        (dict(max_coupling=0.0), ValueError, "max_coupling must be positive"),
+        (dict(clamp_fraction=0.0), ValueError, "clamp_fraction must be a number in"),
+        (dict(clamp_fraction=1.5), ValueError, "clamp_fraction must be a number in"),
         (dict(base_optimizer=optax.sgd), TypeError, "base_optimizer must be an optax"),
         (dict(center_optimizer="sgd"), TypeError, "center_optimizer must be None or"),
     ],

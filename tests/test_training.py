@@ -222,10 +222,38 @@ def test_eval_variables_averages_or_recomputes_center_batch_stats(blob_data):
         eval_variables(state, center_batch_stats="mean")
 
 
-def test_create_train_state_needs_a_sample_batch_for_balanced_rsgd_coupling():
+def test_create_train_state_needs_batches_for_balanced_rsgd_coupling():
     config = tiny_config("replicated_sgd", rsgd__coupling=None)
-    with pytest.raises(ValueError, match="needs sample_batch="):
+    with pytest.raises(ValueError, match="needs balance_batches="):
         create_train_state(config, TinyMLP(), INFO, jax.random.PRNGKey(0))
+
+
+def test_balanced_rsgd_coupling_is_twice_the_authors_g0_over_the_batches(blob_data):
+    # γ_0 = 2 g_0, g_0 = mean_a L_train(wᵃ) / mean_a ‖wᵃ − c‖², the loss averaged over
+    # every example of the given batches with the networks in evaluation mode.
+    config = tiny_config("replicated_sgd", rsgd__coupling=None)
+    x, y = blob_data[0]
+    batches = [{"image": x[:40], "label": y[:40]}, {"image": x[40:60], "label": y[40:60]}]
+    state = create_train_state(
+        config, TinyMLP(), INFO, jax.random.PRNGKey(0), balance_batches=batches
+    )
+    params = state.params
+    xs, ys = x[:60], y[:60]
+    losses = [
+        float(optax.softmax_cross_entropy_with_integer_labels(
+            TinyMLP().apply({"params": jax.tree.map(lambda l, a=a: l[a], params)}, xs,
+                            train=False), ys).mean())
+        for a in range(config.rsgd.num_replicas)
+    ]
+    center = flatjax.replica_center(params)
+    dist = np.mean([
+        sum(float(np.sum((np.asarray(w[a]) - np.asarray(c)) ** 2))
+            for w, c in zip(jax.tree.leaves(params), jax.tree.leaves(center), strict=True))
+        for a in range(config.rsgd.num_replicas)
+    ])
+    assert float(state.opt_state.requested_coupling) == pytest.approx(
+        2 * np.mean(losses) / dist, rel=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------- train step

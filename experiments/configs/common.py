@@ -88,7 +88,7 @@ def set_algorithm(
 
     ``budget='gradients'`` makes ``num_epochs`` count SGD-epochs of gradient
     evaluations for every algorithm: Entropy-SGD runs ``num_epochs / L`` outer
-    epochs and Replicated-SGD ``num_epochs / y`` epochs per replica (SPEC.md
+    epochs and Replicated-SGD ``num_epochs / y`` epochs per replica (the
     §2, "cost accounting"). Override ``budget=epochs`` for the equal-epoch
     comparison. Entropy-SGD gets its own outer learning rate and coupling
     range, η = 1 and γ from 0.1 to 1, because its outer step is scaled by γ.

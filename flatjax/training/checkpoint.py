@@ -5,7 +5,7 @@ A checkpoint holds the whole :class:`~flatjax.training.TrainState` pytree
 continues bitwise where it stopped: the data stream restarts at the saved
 step and every key is in the state.
 
-Guarantees (issue 11):
+Guarantees:
 
 * Structure. Restores go against an abstract target built from the freshly
   created state, so NamedTuples and tuples in the optimizer state come back

@@ -6,7 +6,7 @@ Experiment configs (``experiments/configs/<name>.py``) call
 what was given and what is expected; :func:`plan_steps` is the ONE place where
 durations in epochs become numbers of training steps.
 
-What a step and an epoch cost (SPEC.md §2-3):
+What a step and an epoch cost (Pittorino et al. 2021, §2-3):
 
 * a *training step* is one call of the jitted step function. SGD: one
   minibatch, 1 gradient. Entropy-SGD, ``esgd.mode='scan'``: one outer step, L
@@ -78,28 +78,43 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.augment = False
 
+    # Entropy-SGD, with the rules of the authors' code (SacredDNN EntropySGD and
+    # esgd_dnn.py): Nesterov inner momentum 0.9, the inner weight decay equal to
+    # the outer one (None), γ_0 calibrated (None) at outer step `gtime` = 1 from
+    # the last inner minibatch's loss, γ growing ×1e4 over the run, and the
+    # outer step scaled by γ_t with the weight decay inside it ("gscale").
+    # coupling_max is an absolute bound on γ (None: only the stability clamp at
+    # half the inner step's bound, see flatjax.entropy_sgd).
     c.esgd = ml_collections.ConfigDict()
     c.esgd.inner_steps = 5
     c.esgd.inner_learning_rate = 0.1
+    c.esgd.inner_momentum = 0.9
     c.esgd.noise = 1e-4
     c.esgd.average = 0.75
-    c.esgd.inner_weight_decay = 1e-4
-    # γ_0 = 0.03 (Chaudhari et al.'s default), capped at 1/η′: beyond η′γ = 1 the
-    # explicit elastic step of the inner loop overshoots the anchor, beyond 2 it
-    # diverges. None = γ_0 calibrated at the first outer step (the authors' rule);
-    # on small nets that γ_0 is large and diverges within a few steps.
-    c.esgd.coupling = ml_collections.FieldReference(0.03, field_type=float)
+    c.esgd.inner_weight_decay = ml_collections.FieldReference(None, field_type=float)
+    c.esgd.coupling = ml_collections.FieldReference(None, field_type=float)
+    c.esgd.calibration_step = 1
     c.esgd.coupling_factor = 1e4
-    c.esgd.coupling_max = ml_collections.FieldReference(10.0, field_type=float)
+    c.esgd.coupling_max = ml_collections.FieldReference(None, field_type=float)
+    c.esgd.outer_scale = "coupling"
     c.esgd.mode = "scan"
     c.esgd.batch_norm = "walker"
 
+    # Replicated-SGD, with the rules of the authors' code (robust_dnn.py): the
+    # coupling inside each replica's Nesterov gradient ("explicit"), γ_0 = 2 g_0
+    # balanced on the mean training loss at initialisation (None; over
+    # balance_batches training batches, None = one pass over the training set),
+    # γ growing ×1e4 once per epoch, and each replica's weight decay y · wd
+    # (weight_decay None; their lr × y also scales PyTorch's decay).
     c.rsgd = ml_collections.ConfigDict()
     c.rsgd.num_replicas = 3
     c.rsgd.coupling = ml_collections.FieldReference(None, field_type=float)
+    c.rsgd.coupling_step = "explicit"
     c.rsgd.coupling_factor = 1e4
     c.rsgd.coupling_schedule = "exponential"
     c.rsgd.coupling_per = "epoch"
+    c.rsgd.weight_decay = ml_collections.FieldReference(None, field_type=float)
+    c.rsgd.balance_batches = ml_collections.FieldReference(None, field_type=int)
     c.rsgd.strategy = "auto"
     c.rsgd.center_batch_stats = "average"
 
@@ -178,7 +193,7 @@ def _check_model_name(name: str) -> None:
 
 
 def _check_coupling_max(esgd: ml_collections.ConfigDict) -> None:
-    """γ grows from esgd.coupling to at most esgd.coupling_max: the cap must not be below γ_0."""
+    """esgd.coupling_max is an absolute bound on γ: it must not be below a fixed γ_0."""
     if esgd.coupling_max is None:
         return
     if esgd.coupling is not None and esgd.coupling_max < esgd.coupling:
@@ -186,12 +201,6 @@ def _check_coupling_max(esgd: ml_collections.ConfigDict) -> None:
             f"config.esgd.coupling_max = {esgd.coupling_max!r} is below the initial coupling "
             f"config.esgd.coupling = {esgd.coupling!r}; the coupling grows from esgd.coupling "
             "up to esgd.coupling_max, so expected coupling_max >= coupling (or None: no cap)."
-        )
-    if esgd.coupling is None and esgd.coupling_max < 1:
-        raise ValueError(
-            f"config.esgd.coupling_max = {esgd.coupling_max!r} must be >= 1 when "
-            "config.esgd.coupling is None: with a calibrated γ_0 the schedule starts at 1 "
-            "and is rescaled by γ_0, cap included (or set coupling_max to None: no cap)."
         )
 
 
@@ -246,8 +255,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _positive(config, "esgd.noise", allow_zero=True)
     if not 0 <= config.esgd.average < 1:
         _fail("esgd.average", config.esgd.average, "a number in [0, 1)")
-    _positive(config, "esgd.inner_weight_decay", allow_zero=True)
+    _positive(config, "esgd.inner_weight_decay", allow_zero=True, allow_none=True)
+    if not 0 <= config.esgd.inner_momentum < 1:
+        _fail("esgd.inner_momentum", config.esgd.inner_momentum, "a number in [0, 1)")
     _positive(config, "esgd.coupling", allow_none=True)
+    _positive(config, "esgd.calibration_step", integer=True, allow_zero=True)
+    _choice(config, "esgd.outer_scale", ("coupling", "gradient", "none"))
     if not config.esgd.coupling_factor >= 1:
         _fail("esgd.coupling_factor", config.esgd.coupling_factor, "a number >= 1")
     _positive(config, "esgd.coupling_max", allow_none=True)
@@ -257,6 +270,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
     _positive(config, "rsgd.num_replicas", integer=True)
     _positive(config, "rsgd.coupling", allow_none=True)
+    _choice(config, "rsgd.coupling_step", ("explicit", "proximal"))
+    _positive(config, "rsgd.weight_decay", allow_zero=True, allow_none=True)
+    _positive(config, "rsgd.balance_batches", integer=True, allow_none=True)
     if not config.rsgd.coupling_factor >= 1:
         _fail("rsgd.coupling_factor", config.rsgd.coupling_factor, "a number >= 1")
     _choice(config, "rsgd.coupling_schedule", ("exponential", "linear", "cosine"))

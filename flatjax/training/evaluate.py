@@ -7,7 +7,7 @@ compiles once).
 
 For Replicated-SGD the library reports the centre c (the network of the run,
 :func:`flatjax.training.eval_variables`), every replica wᵃ, and the
-output-averaged ensemble p(k | x) = (1/y) Σ_a softmax(f(x; wᵃ))_k (SPEC.md §3).
+output-averaged ensemble p(k | x) = (1/y) Σ_a softmax(f(x; wᵃ))_k.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ wraps arrays in memory with the same resumable batching rule.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import numbers
 import os
@@ -372,11 +373,15 @@ def train_and_evaluate(
 
     plan = plan_steps(config, int(data.data_steps_per_epoch))
     shape = _batch_shape(config)
-    sample = None
+    balance = None
     if config.algorithm == "replicated_sgd" and config.rsgd.coupling is None:
-        sample = next(iter(data.train_batches(0, **shape)))
+        # The authors' balanced γ_0: the mean training loss at initialisation,
+        # over one pass of the training set unless rsgd.balance_batches says fewer.
+        count = config.rsgd.balance_batches or int(data.data_steps_per_epoch)
+        balance = itertools.islice(data.train_batches(0), count)
     state = create_train_state(
-        config, model, data.info, jax.random.PRNGKey(config.seed), plan=plan, sample_batch=sample
+        config, model, data.info, jax.random.PRNGKey(config.seed), plan=plan,
+        balance_batches=balance,
     )
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, cleanup_tmp=True
@@ -414,6 +419,7 @@ def train_and_evaluate(
     started = time.time()
     pending, sums, count, skipped = [], {"loss": 0.0, "error": 0.0}, 0, 0
     last_row: dict = writer.rows[-1] if writer.rows else {}
+    clamp_warned = False
     try:
         for step in range(start, plan.total_steps):
             state, metrics = train_step(state, place(next(batches)))
@@ -436,6 +442,16 @@ def train_and_evaluate(
                 count += 1
             pending = []
             latest = fetched[-1]
+            requested = float(latest.get("requested_coupling", latest["coupling"]))
+            if requested > float(latest["coupling"]) * (1 + 1e-6) and not clamp_warned:
+                clamp_warned = True
+                warnings.warn(
+                    f"step {done}: the coupling schedule asks for γ = {requested:.4g}, past "
+                    "the stability bound of the explicit coupling step; it is clamped to "
+                    f"γ = {float(latest['coupling']):.4g} (logged as coupling, the request "
+                    "as requested_coupling).",
+                    stacklevel=2,
+                )
             writer.progress(
                 done, loss=float(latest["loss"]), error=float(latest["error"]),
                 coupling=float(latest["coupling"]),
@@ -450,6 +466,7 @@ def train_and_evaluate(
                     "train_loss": sums["loss"] / count if count else float("nan"),
                     "train_error": sums["error"] / count if count else float("nan"),
                     "coupling": float(latest["coupling"]),
+                    "requested_coupling": requested,
                     "skipped_steps": skipped,
                 }
                 if "replica_distance" in latest:

@@ -7,7 +7,7 @@ key and the algorithm's name, with one difference that matters here:
 ``grad_fn=`` and ``value=`` reach the optimizer through an unmodified loop.
 
 The params a loop holds are not always the network to evaluate and save
-(SPEC.md §7): :func:`eval_params` returns the Entropy-SGD anchor x, the
+(the schedule-free and lookahead pitfall): :func:`eval_params` returns the Entropy-SGD anchor x, the
 Replicated-SGD centre c, or the params of SGD.
 
 References:
@@ -18,7 +18,7 @@ References:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -33,6 +33,7 @@ __all__ = [
     "TrainState",
     "create_train_state",
     "make_optimizer",
+    "rsgd_weight_decay",
     "eval_params",
     "eval_variables",
     "uses_stepwise_scan",
@@ -164,9 +165,12 @@ def make_optimizer(
     Entropy-SGD: :func:`flatjax.entropy_sgd` (scan mode) or
     :func:`flatjax.entropy_sgd_stepwise` with γ_t =
     :func:`flatjax.exponential_coupling` over the run's outer steps (γ_0 =
-    ``esgd.coupling``, or calibrated at the first outer step when it is
-    None). Replicated-SGD: :func:`flatjax.replicate` of the SGD above, with
-    γ(t) growing by ``rsgd.coupling_factor`` per ``rsgd.coupling_schedule``.
+    ``esgd.coupling``, or calibrated at outer step ``esgd.calibration_step``
+    when it is None), the authors' γ-scaled outer step and Nesterov inner
+    momentum. Replicated-SGD: :func:`flatjax.replicate` (the explicit rule,
+    coupling inside the Nesterov gradient) of the SGD above with weight decay
+    :func:`rsgd_weight_decay`, γ(t) growing by ``rsgd.coupling_factor`` per
+    ``rsgd.coupling_schedule``.
 
     Args:
       config: a validated config.
@@ -199,13 +203,11 @@ def make_optimizer(
         e = config.esgd
         calibrate = e.coupling is None
         coupling = flatjax.exponential_coupling(
-            1.0 if calibrate else e.coupling,
-            plan.total_outer_steps,
-            e.coupling_factor,
-            max_value=e.coupling_max,
+            1.0 if calibrate else e.coupling, plan.total_outer_steps, e.coupling_factor
         )
         stepwise = e.mode == "stepwise" or uses_stepwise_scan(config, has_batch_stats)
         factory = flatjax.entropy_sgd_stepwise if stepwise else flatjax.entropy_sgd
+        inner_wd = config.weight_decay if e.inner_weight_decay is None else e.inner_weight_decay
         return factory(
             _lr_schedule(config, plan.total_outer_steps),
             e.inner_steps,
@@ -213,30 +215,52 @@ def make_optimizer(
             inner_learning_rate=e.inner_learning_rate,
             noise=e.noise,
             average_weight=e.average,
-            inner_weight_decay=e.inner_weight_decay,
+            inner_weight_decay=inner_wd,
+            inner_momentum=e.inner_momentum,
             momentum=config.momentum,
             nesterov=config.nesterov,
             weight_decay=config.weight_decay,
+            outer_scale=e.outer_scale,
             seed=config.seed,
             calibrate_coupling=calibrate,
+            calibration_step=e.calibration_step,
+            max_coupling=e.coupling_max,
         )
     r = config.rsgd
     gamma0 = r.coupling if r.coupling is not None else rsgd_coupling
     if gamma0 is None:
         raise ValueError(
             "rsgd.coupling is None (balanced γ_0) but no measured rsgd_coupling was given; "
-            "create_train_state measures it from a sample batch."
+            "create_train_state measures it from training batches (balance_batches=)."
         )
-    base = optax.chain(
-        optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(_lr_schedule(config, plan.total_steps), config.momentum, config.nesterov),
-    )
     return flatjax.replicate(
-        base,
+        optax.chain(
+            optax.add_decayed_weights(rsgd_weight_decay(config)),
+            optax.sgd(_lr_schedule(config, plan.total_steps), config.momentum, config.nesterov),
+        ),
         r.num_replicas,
         _rsgd_coupling(config, plan, float(gamma0)),
-        learning_rate=_lr_schedule(config, plan.total_steps),
+        coupling_step=r.coupling_step,
     )
+
+
+def rsgd_weight_decay(config: ml_collections.ConfigDict) -> float:
+    """Each replica's weight decay: ``rsgd.weight_decay``, or y · ``weight_decay``.
+
+    The authors' code multiplies the learning rate by y to undo the 1/y of its
+    replica-averaged loss; PyTorch scales the weight decay by the learning rate,
+    so each of their replicas decays with y · wd. ``rsgd.weight_decay = None``
+    reproduces that.
+
+    Example:
+      >>> from flatjax.training import base_config
+      >>> from flatjax.training.state import rsgd_weight_decay
+      >>> rsgd_weight_decay(base_config())  # y = 3, wd = 5e-4
+      0.0015
+    """
+    if config.rsgd.weight_decay is not None:
+        return float(config.rsgd.weight_decay)
+    return float(config.rsgd.num_replicas * config.weight_decay)
 
 
 def _init_variables(config, model, info, rng):
@@ -260,7 +284,7 @@ def create_train_state(
     rng: jax.Array,
     *,
     plan: StepPlan | None = None,
-    sample_batch: Mapping[str, Any] | None = None,
+    balance_batches: Iterable[Mapping[str, Any]] | None = None,
 ) -> TrainState:
     """Initialises the model (y replicas for Replicated-SGD) and the optimizer.
 
@@ -274,9 +298,11 @@ def create_train_state(
       rng: PRNG key; split into the init key and the state's key.
       plan: the run's :class:`flatjax.training.StepPlan` (default: from
         ``info``'s training-set size and ``config``).
-      sample_batch: a Replicated-SGD batch (leading axis y) used to measure
-        the balanced γ_0 = mean_a loss / mean_a ‖wᵃ − c‖² when
-        ``rsgd.coupling`` is None.
+      balance_batches: training batches (dicts with 'image' and 'label',
+        no replica axis) over which the balanced γ_0 = 2 · mean_a L(wᵃ) /
+        mean_a ‖wᵃ − c‖² is measured when ``rsgd.coupling`` is None: the mean
+        training loss of each replica at initialisation, networks in
+        evaluation mode (the authors' rule; :func:`flatjax.balanced_coupling`).
 
     Returns:
       A :class:`TrainState` at step 0.
@@ -302,12 +328,13 @@ def create_train_state(
     batch_stats = variables.get("batch_stats", {})
     rsgd_coupling = None
     if config.algorithm == "replicated_sgd" and config.rsgd.coupling is None:
-        if sample_batch is None:
+        if balance_batches is None:
             raise ValueError(
-                "rsgd.coupling is None (balanced γ_0): create_train_state needs sample_batch= "
-                "(one minibatch per replica, leading axis y) to measure it."
+                "rsgd.coupling is None (balanced γ_0): create_train_state needs "
+                "balance_batches= (training batches without replica axis) to measure it, "
+                "or set config.rsgd.coupling to a number."
             )
-        rsgd_coupling = _balanced_rsgd_coupling(model.apply, params, batch_stats, sample_batch)
+        rsgd_coupling = _balanced_rsgd_coupling(model.apply, params, batch_stats, balance_batches)
     tx = make_optimizer(
         config, plan, has_batch_stats=bool(batch_stats), rsgd_coupling=rsgd_coupling
     )
@@ -323,16 +350,27 @@ def create_train_state(
     )
 
 
-def _balanced_rsgd_coupling(apply_fn, params, batch_stats, batch) -> float:
+def _balanced_rsgd_coupling(apply_fn, params, batch_stats, batches) -> float:
     import flatjax
     from flatjax.training.steps import cross_entropy
 
-    def loss(p, s, b):
-        variables = {"params": p, **({"batch_stats": s} if s else {})}
-        return cross_entropy(apply_fn(variables, b["image"], train=False), b["label"])
+    @jax.jit
+    def losses_on(batch):
+        def loss(p, s):
+            variables = {"params": p, **({"batch_stats": s} if s else {})}
+            logits = apply_fn(variables, batch["image"], train=False)
+            return cross_entropy(logits, batch["label"]) * batch["label"].shape[0]
 
-    losses = jax.vmap(loss)(params, batch_stats, jax.tree.map(jnp.asarray, dict(batch)))
-    return float(flatjax.balanced_coupling(losses, params))
+        return jax.vmap(loss)(params, batch_stats)
+
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = {k: jnp.asarray(batch[k]) for k in ("image", "label")}
+        total = total + losses_on(batch)
+        count += int(batch["label"].shape[0])
+    if count == 0:
+        raise ValueError("balance_batches is empty; the balanced γ_0 needs training batches.")
+    return float(flatjax.balanced_coupling(total / count, params))
 
 
 def eval_params(state: TrainState):

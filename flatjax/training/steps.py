@@ -1,7 +1,7 @@
 """One jitted training step for SGD, Entropy-SGD and Replicated-SGD.
 
 :func:`make_train_step` returns ``step(state, batch) -> (state, metrics)``.
-What ``batch`` holds and what one step costs (SPEC.md §2-3):
+What ``batch`` holds and what one step costs:
 
 * SGD: one minibatch ``[B, ...]``; 1 gradient evaluation.
 * Entropy-SGD, ``esgd.mode='scan'``: L stacked minibatches ``[L, B, ...]``;
@@ -103,9 +103,8 @@ def check_finite(metrics: dict, step: int) -> None:
             shown = ", ".join(f"{k} = {float(metrics[k]):.4g}" for k in _GUARDED if k in metrics)
             raise NonFiniteError(
                 f"Training diverged at step {step}: {name} = {float(metrics[name])} ({shown}). "
-                "Lower the learning rate or the coupling (Entropy-SGD: keep η′γ <= 1 with "
-                "esgd.coupling_max; Replicated-SGD: lr·γ), or set config.nan_policy='skip' "
-                "to skip such updates."
+                "Lower the learning rate or bound the coupling (esgd.coupling_max; "
+                "rsgd.coupling), or set config.nan_policy='skip' to skip such updates."
             )
 
 
@@ -127,6 +126,12 @@ def _split(state: TrainState):
     return state.replace(rng=rng), key
 
 
+def _esgd_state(opt_state):
+    from flatjax._entropy_sgd import _find_state
+
+    return _find_state(opt_state)
+
+
 def _sgd_step(config):
     def step(state, batch):
         state0 = state
@@ -141,6 +146,7 @@ def _sgd_step(config):
             "error": error,
             "grad_norm": optax.global_norm(grads),
             "coupling": jnp.zeros((), jnp.float32),
+            "requested_coupling": jnp.zeros((), jnp.float32),
         }
         return _guard(state0, new, metrics, config.nan_policy)
 
@@ -194,6 +200,7 @@ def _esgd_scan_step(config):
             update = jax.tree.map(jnp.subtract, new.params, state.params)
             metrics = {"loss": loss, "error": error, "grad_norm": optax.global_norm(update)}
         metrics["coupling"] = flatjax.entropy_sgd_coupling(new.opt_state)
+        metrics["requested_coupling"] = _esgd_state(new.opt_state).requested_coupling
         return _guard(state0, new, metrics, config.nan_policy)
 
     return step
@@ -219,6 +226,7 @@ def _esgd_stepwise_step(config):
             "error": error,
             "grad_norm": optax.global_norm(grads),
             "coupling": flatjax.entropy_sgd_coupling(new.opt_state),
+            "requested_coupling": _esgd_state(new.opt_state).requested_coupling,
         }
         return _guard(state0, new, metrics, config.nan_policy)
 
@@ -265,6 +273,7 @@ def _rsgd_step(config):
             "grad_norm": optax.global_norm(grads),
             "replica_distance": sum(jax.tree.leaves(sq)).mean(),
             "coupling": jnp.asarray(flatjax.replicate_coupling(new.opt_state), jnp.float32),
+            "requested_coupling": new.opt_state.requested_coupling,
         }
         return _guard(state0, new, metrics, config.nan_policy)
 
@@ -289,8 +298,10 @@ def make_train_step(config: ml_collections.ConfigDict):
       Entropy-SGD scan mode: mean over the inner steps, or at the new anchor
       on minibatch L−1 when run through ``grad_fn``), ``grad_norm`` (largest
       over the inner steps; the norm of the outer update through
-      ``grad_fn``), ``param_norm``, ``coupling`` (γ; 0 for SGD), ``finite``,
-      and ``replica_distance`` (mean_a ‖wᵃ − c‖²) for Replicated-SGD.
+      ``grad_fn``), ``param_norm``, ``coupling`` (the applied γ; 0 for SGD),
+      ``requested_coupling`` (the schedule's γ: larger than ``coupling`` when
+      the stability clamp engaged), ``finite``, and ``replica_distance``
+      (mean_a ‖wᵃ − c‖²) for Replicated-SGD.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -302,8 +313,9 @@ def make_train_step(config: ml_collections.ConfigDict):
       ...                            jax.random.PRNGKey(0))
       >>> batch = {"image": jnp.ones((8, 3)), "label": jnp.zeros(8, jnp.int32)}
       >>> state, metrics = make_train_step(config)(state, batch)
-      >>> int(state.step), sorted(metrics)
-      (1, ['coupling', 'error', 'finite', 'grad_norm', 'loss', 'param_norm'])
+      >>> int(state.step), sorted(metrics)  # doctest: +NORMALIZE_WHITESPACE
+      (1, ['coupling', 'error', 'finite', 'grad_norm', 'loss', 'param_norm',
+           'requested_coupling'])
     """
     if config.algorithm == "sgd":
         step = _sgd_step(config)
