@@ -285,6 +285,10 @@ class _EntropySGD:
                 "inner optimizer or inner_coupling='gradient'."
             )
         self.outer_optimizer = outer_optimizer
+        # The outer step is SGD on −F with the rate η (outer_scale 'coupling' or
+        # 'gradient'); −F's Hessian γI − γ²Cov is at most γ, so it is stable
+        # for every loss while ηγ is below the outer optimizer's bound.
+        self.outer_probe = None if outer_scale == "none" else probe_sgd(outer_optimizer)
         self.inner_optimizer = optax.with_extra_args_support(inner_optimizer)
         self.inner_probe = probe
         self._raw_inner = inner_optimizer
@@ -303,16 +307,24 @@ class _EntropySGD:
     # ------------------------------------------------------------------ coupling
 
     def stable_coupling(self, count):
-        """clamp_fraction × the largest γ at which the inner elastic step is stable."""
+        """clamp_fraction × the largest γ at which the inner and outer steps are stable."""
+        stable = jnp.full((), jnp.inf, jnp.float32)
         probe = self.inner_probe
-        if probe is None:
-            return jnp.full((), jnp.inf, jnp.float32)
-        if self.inner_coupling == "gradient":
+        if probe is not None:
+            if self.inner_coupling == "gradient":
+                bound = stable_coupling_step(probe.momentum, probe.nesterov)
+            else:
+                bound = 2.0  # −η′γ(x′ − x) outside the momentum: plain SGD's bound
+            eta = learning_rate_at(self._raw_inner, probe, 0)
+            stable = jnp.minimum(stable, self.clamp_fraction * bound / eta)
+        probe = self.outer_probe
+        if probe is not None:
             bound = stable_coupling_step(probe.momentum, probe.nesterov)
-        else:
-            bound = 2.0  # −η′γ(x′ − x) outside the momentum: plain SGD's bound
-        eta = learning_rate_at(self._raw_inner, probe, 0)
-        return self.clamp_fraction * bound / eta
+            eta = learning_rate_at(self.outer_optimizer, probe, count)
+            stable = jnp.minimum(
+                stable, jnp.where(eta > 0, self.clamp_fraction * bound / eta, jnp.inf)
+            )
+        return stable
 
     def couplings(self, scale, count):
         """(requested, applied) γ at outer step ``count`` for calibration scale ``scale``."""
@@ -631,14 +643,17 @@ def entropy_sgd(
     schedule is kept unscaled.
 
     Stability (never silent): the explicit inner step is stable only while
-    η′(γ + λ′ + curvature) < b, b = 2 for SGD, 2(1 + β′)/(1 + 2β′) for
-    Nesterov, 2(1 + β′) for heavy ball (η′ and β′ are read from the inner
-    optimizer). The applied γ_t is min(γ_t, ``max_coupling``,
-    ``clamp_fraction`` · b/η′); ``max_coupling`` is an absolute bound,
-    never rescaled by the calibration. ``state.coupling`` is the applied γ
-    and ``state.requested_coupling`` the schedule's, so a clamp shows in the
-    logs. With a custom inner optimizer that is not SGD-type only
-    ``max_coupling`` bounds γ.
+    η′(γ + λ′ + curvature) < b′, b = 2 for SGD, 2(1 + β)/(1 + 2β) for
+    Nesterov, 2(1 + β) for heavy ball (η′ and β′ are read from the inner
+    optimizer). The outer step is a step of rate η on −F, whose Hessian
+    γI − γ² Cov(x′) is at most γ: it is stable for every loss while ηγ < b
+    (β, η read from the outer optimizer at the current step; ``"none"``
+    needs no bound). The applied γ_t is min(γ_t, ``max_coupling``,
+    ``clamp_fraction`` · b′/η′, ``clamp_fraction`` · b/η); ``max_coupling`` is
+    an absolute bound, never rescaled by the calibration. ``state.coupling``
+    is the applied γ and ``state.requested_coupling`` the schedule's, so a
+    clamp shows in the logs. Optimizers that are not SGD-type contribute no
+    bound (``max_coupling`` still applies).
 
     Precision: the walker, its average, the anchor copy and the noise are
     float32 (or wider) whatever the params' dtype; ``grad_fn`` receives the

@@ -37,8 +37,8 @@ def test_one_outer_step_closed_form_L1(mode):
     eta, eta_in, gamma, alpha, wd_in = 0.7, 0.05, 2.0, 0.75, 1e-2
     kw = dict(
         inner_steps=1, coupling=gamma, inner_learning_rate=eta_in, noise=0.0,
-        average_weight=alpha, inner_weight_decay=wd_in, momentum=0.0,
-    )
+        average_weight=alpha, inner_weight_decay=wd_in, momentum=0.0, clamp_fraction=1.0,
+    )  # ηγ = 1.4 < 2, η′γ = 0.1 < 2: inside both stability bounds
     g = q.hessian @ (x - q.minimum)
     expected = x - eta * gamma * (1 - alpha) * eta_in * (g + wd_in * x)
     if mode == "scan":
@@ -257,7 +257,7 @@ def test_calibration_closed_form(mode, calibration_step):
     # constant coupling: μ = α x + (1 − α) x′ and x ← x − η γ̂0 (1 − α) η′ g.
     q = quadratic(dim=3, seed=5, centred=False)
     x = jnp.asarray([0.5, -1.0, 2.0])
-    eta, eta_in, alpha = 0.2, 0.1, 0.75
+    eta, eta_in, alpha = 0.1, 0.1, 0.75
     g = np.asarray(q.grad(x), np.float64)
     gamma_hat = float(q.loss(x)) / (0.5 * eta_in**2 * g @ g)
     expected = np.asarray(x) - eta * gamma_hat * (1 - alpha) * eta_in * g
@@ -347,7 +347,7 @@ def test_chain_with_clipping():
     np.testing.assert_allclose(walker, reference, rtol=1e-6)
     np.testing.assert_array_equal(flatjax.entropy_sgd_anchor(walker, state), x)
     # scan mode: clipping after it bounds the outer step
-    opt = optax.chain(flatjax.entropy_sgd(10.0, coupling=1.0), optax.clip_by_global_norm(0.01))
+    opt = optax.chain(flatjax.entropy_sgd(0.5, coupling=1.0), optax.clip_by_global_norm(0.01))
     updates, state = opt.update(None, opt.init(x), x, grad_fn=lambda w, i: q.grad(w))
     assert float(optax.tree.norm(updates)) == pytest.approx(0.01, rel=1e-4)
     assert float(flatjax.entropy_sgd_coupling(state)) == 1.0
@@ -488,7 +488,7 @@ def test_calibrated_coupling_past_the_bound_is_clamped_and_logged(mode, inner_mo
     )
     bound = 0.5 * stable_coupling_step(inner_momentum, True) / eta_in
     if mode == "scan":
-        opt = flatjax.entropy_sgd(0.5, **kw)
+        opt = flatjax.entropy_sgd(0.01, **kw)  # the outer bound 1.357/0.01 is far away
         state, params = opt.init(x), x
         for _ in range(12):
             updates, state = opt.update(
@@ -497,7 +497,7 @@ def test_calibrated_coupling_past_the_bound_is_clamped_and_logged(mode, inner_mo
             params = params + updates
         anchor = params
     else:
-        opt = flatjax.entropy_sgd_stepwise(0.5, **kw)
+        opt = flatjax.entropy_sgd_stepwise(0.01, **kw)
         params, state = _run_stepwise(
             opt, lambda w, c: q.grad(w), x, calls=36, value_of=lambda w, c: q.loss(w)
         )
@@ -561,3 +561,25 @@ def test_fresh_stepwise_state_can_be_donated():
     step = jax.jit(lambda g, s, p: opt.update(g, s, p), donate_argnums=(1,))
     updates, state = step(jnp.ones(4), state, params)
     assert np.all(np.isfinite(updates))
+
+
+def test_outer_step_clamp_follows_the_outer_learning_rate():
+    # −F's Hessian is at most γ: the γ-scaled outer step of rate η is stable
+    # while ηγ < 2(1 + β)/(1 + 2β) (Nesterov β = 0.9); γ is clamped at half.
+    from flatjax._stability import stable_coupling_step
+
+    bound = stable_coupling_step(0.9, True)
+    for lr in (0.5, 2.0):
+        opt = flatjax.entropy_sgd(lr, coupling=100.0, inner_learning_rate=0.001)
+        state = opt.init(jnp.zeros(3))
+        assert float(state.coupling) == pytest.approx(0.5 * bound / lr, rel=1e-5)
+    # With a cosine learning rate the bound follows η_t.
+    schedule = optax.cosine_decay_schedule(1.0, 10)
+    opt = flatjax.entropy_sgd(schedule, coupling=1e3, inner_learning_rate=1e-4, noise=0.0)
+    state, x = opt.init(jnp.zeros(3)), jnp.zeros(3)
+    for t in range(5):
+        _, state = opt.update(None, state, x, grad_fn=lambda w, i: w)
+    assert float(state.coupling) == pytest.approx(0.5 * bound / float(schedule(5)), rel=1e-4)
+    # Chaudhari's unscaled outer step ("none") needs no outer bound.
+    opt = flatjax.entropy_sgd(2.0, coupling=100.0, inner_learning_rate=0.001, outer_scale="none")
+    assert float(opt.init(jnp.zeros(3)).coupling) == pytest.approx(100.0)

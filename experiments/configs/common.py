@@ -89,9 +89,11 @@ def set_algorithm(
     ``budget='gradients'`` makes ``num_epochs`` count SGD-epochs of gradient
     evaluations for every algorithm: Entropy-SGD runs ``num_epochs / L`` outer
     epochs and Replicated-SGD ``num_epochs / y`` epochs per replica (the
-    §2, "cost accounting"). Override ``budget=epochs`` for the equal-epoch
-    comparison. Entropy-SGD gets its own outer learning rate and coupling
-    range, η = 1 and γ from 0.1 to 1, because its outer step is scaled by γ.
+    authors' cost accounting). Override ``budget=epochs`` for the equal-epoch
+    comparison. Both keep the rules of the authors' code (``base_config``):
+    Entropy-SGD calibrates γ_0 at outer step 1 and scales its outer step by
+    γ_t; Replicated-SGD balances γ_0 = 2g_0 and couples inside the Nesterov
+    gradient with weight decay y · wd.
 
     Args:
       config: the config to modify in place.
@@ -108,15 +110,6 @@ def set_algorithm(
     config.budget = "gradients"
     config.esgd.inner_steps = inner_steps
     config.rsgd.num_replicas = num_replicas
-    if name == "esgd":
-        # The outer step is x ← x − η γ (x − μ) (SPEC.md §2, the authors'
-        # "gscale"): η γ ≈ 1 moves the anchor to the walkers' average, the
-        # regime of Chaudhari et al. η = 1 with γ from 0.1 to 1 (factor 10)
-        # keeps η γ in [0.1, 1]. The balanced γ_0 with the SGD learning rate
-        # diverged within a few steps on mnist5k.
-        config.learning_rate = 1.0
-        config.esgd.coupling = 0.1
-        config.esgd.coupling_factor = 10.0
     return config
 
 
