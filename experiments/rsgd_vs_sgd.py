@@ -44,10 +44,10 @@ def epoch_indices(rng, n, batch_size, num_shuffles=None):
     return np.stack([epoch_indices(rng, n, batch_size) for _ in range(num_shuffles)])
 
 
-def base_optimizer(cfg):
+def base_optimizer(cfg, weight_decay=None):
     """The baseline of the paper: SGD, Nesterov 0.9, weight decay."""
     return optax.chain(
-        optax.add_decayed_weights(cfg.weight_decay),
+        optax.add_decayed_weights(cfg.weight_decay if weight_decay is None else weight_decay),
         optax.sgd(cfg.lr, momentum=0.9, nesterov=True),
     )
 
@@ -83,8 +83,8 @@ def train_rsgd(model, params, data, cfg, seed):
         jax.value_and_grad(lambda p, x, t: loss_fn(model, p, x, t))
     )
 
-    first = epoch_indices(rng, len(x_tr), cfg.batch, num_shuffles=y)[:, 0]
-    losses, _ = per_replica_loss(params, x_tr[first], y_tr[first])
+    # The authors' balanced γ_0 = 2 g_0: the mean loss over the whole training set.
+    losses = jax.vmap(lambda p: loss_fn(model, p, x_tr, y_tr))(params)
     gamma0 = float(flatjax.balanced_coupling(losses, params))
     coupling = flatjax.exponential_coupling(
         gamma0,
@@ -92,7 +92,9 @@ def train_rsgd(model, params, data, cfg, seed):
         factor=cfg.gamma_factor,
         steps_per_update=steps_per_epoch,
     )
-    opt = flatjax.replicate(base_optimizer(cfg), y, coupling, learning_rate=cfg.lr)
+    # The authors' rule: the coupling inside each replica's Nesterov gradient, and
+    # weight decay y · wd (their lr × y also scales PyTorch's decay).
+    opt = flatjax.replicate(base_optimizer(cfg, weight_decay=y * cfg.weight_decay), y, coupling)
 
     @jax.jit
     def run_epoch(params, state, idx):  # idx [steps, y, batch]: own batch per replica

@@ -577,7 +577,7 @@ def test_outer_step_clamp_follows_the_outer_learning_rate():
     schedule = optax.cosine_decay_schedule(1.0, 10)
     opt = flatjax.entropy_sgd(schedule, coupling=1e3, inner_learning_rate=1e-4, noise=0.0)
     state, x = opt.init(jnp.zeros(3)), jnp.zeros(3)
-    for t in range(5):
+    for _ in range(5):
         _, state = opt.update(None, state, x, grad_fn=lambda w, i: w)
     assert float(state.coupling) == pytest.approx(0.5 * bound / float(schedule(5)), rel=1e-4)
     # Chaudhari's unscaled outer step ("none") needs no outer bound.

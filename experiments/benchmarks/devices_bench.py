@@ -145,7 +145,6 @@ def _shard_map_step(config, model, mesh, state):
     )
     init, step = flatjax.rsgd_shard_map_step(
         loss_fn, mesh, base, config.rsgd.num_replicas, config.rsgd.coupling,
-        learning_rate=config.learning_rate,
     )
     params = flatjax.shard_train_state(state, mesh).params
     opt_state = init(params)

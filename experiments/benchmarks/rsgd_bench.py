@@ -259,9 +259,8 @@ def write_json(path: str, report: dict) -> None:
 
 
 def replicated_optimizer(num_replicas: int, base=None):
-    """``flatjax.replicate`` around ``base`` (default: the baseline SGD), proximal coupling."""
-    return flatjax.replicate(base or base_optimizer(), num_replicas, 0.1,
-                             learning_rate=LEARNING_RATE)
+    """``flatjax.replicate`` around ``base`` (default: the baseline SGD), the authors' rule."""
+    return flatjax.replicate(base or base_optimizer(), num_replicas, 0.1)
 
 
 def uncoupled(base):
