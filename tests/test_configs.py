@@ -58,9 +58,13 @@ def test_cifar_grid_cell(dataset, model, algorithm):
     _check(config)
     assert (config.dataset, config.model) == (dataset, model)
     assert config.algorithm == common.ALGORITHMS[algorithm]
-    # The paper's baseline (SPEC.md §6), shared by every cell.
+    # The paper's baseline, shared by every cell, and the authors' rules.
     assert (config.momentum, config.nesterov, config.lr_schedule) == (0.9, True, "cosine")
-    assert config.learning_rate == (1.0 if algorithm == "esgd" else 0.1)
+    assert config.learning_rate == 0.1
+    assert config.esgd.coupling is None and config.esgd.outer_scale == "coupling"
+    assert config.esgd.inner_momentum == 0.9 and config.esgd.inner_weight_decay is None
+    assert config.rsgd.coupling is None and config.rsgd.coupling_step == "explicit"
+    assert config.rsgd.weight_decay is None  # y · weight_decay
     assert (config.weight_decay, config.batch_size, config.augment) == (5e-4, 128, True)
     assert config.budget == "gradients"
     assert config.rsgd.num_replicas == 3 and config.esgd.inner_steps == 5
@@ -88,19 +92,17 @@ def test_demo_configs_share_everything_but_the_algorithm(algorithm):
     config, sgd = mnist5k.get_config(algorithm), mnist5k.get_config("sgd")
     assert (config.dataset, config.model) == ("mnist5k", "lenet5")
     differ = {k for k in BASE_KEYS if _get(config, k) != _get(sgd, k)}
-    # Entropy-SGD's outer step is scaled by γ, so its lr and γ range are its own;
+    # Entropy-SGD's outer step is scaled by γ, so its lr is its own;
     # Replicated-SGD's coupling grows per step at a constant lr (mnist5k.py).
     own = {
         "sgd": set(),
-        "esgd": {"learning_rate", "lr_schedule", "esgd.coupling", "esgd.coupling_factor"},
+        "esgd": {"learning_rate", "lr_schedule"},
         "rsgd": {"lr_schedule", "rsgd.coupling_per"},
     }[algorithm]
     assert differ <= {"algorithm"} | own
-    if algorithm == "esgd":
-        # The outer step η γ (x − μ) never exceeds the walkers' average: η γ_max
-        # <= 1 (the demo halves common.set_algorithm's η = 1 for stability).
-        assert config.learning_rate * config.esgd.coupling * config.esgd.coupling_factor <= 1.0
-        assert config.esgd.coupling_factor == 10.0
+    # The authors' rules run (flatjax.training.base_config).
+    assert config.esgd.coupling is None and config.esgd.calibration_step == 1
+    assert config.rsgd.coupling is None and config.rsgd.coupling_step == "explicit"
 
 
 def _get(config, dotted):
