@@ -458,17 +458,25 @@ def _scan_transform(core: _EntropySGD, unroll="auto") -> optax.GradientTransform
     def init_fn(params):
         return core.init_state(params, stepwise=False)
 
-    def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-        del updates, extra_args
+    def update_fn(updates, state, params=None, *, grad_fn=None, value=None, **extra_args):
+        del extra_args
         if grad_fn is None:
             raise ValueError(
-                "entropy_sgd's update needs grad_fn=: update(updates, state, params, "
-                "grad_fn=f) with f(params, i) -> grads (or (grads, loss) when "
-                "calibrate_coupling=True) for inner step i."
+                "entropy_sgd's update needs grad_fn=: update(grads, state, params, "
+                "grad_fn=f) with grads the minibatch gradient at params (inner step 0) and "
+                "f(walker, i) -> grads (or (grads, loss) when calibrate_coupling=True) for "
+                "inner steps i = 1..L−1."
             )
         if params is None:
             raise ValueError("entropy_sgd's update needs params (the anchor x).")
         anchor = _widen(params)
+
+        def inner(carry, grads):
+            walker, average, inner_state, key, loss = carry
+            walker, average, inner_state, key = core.langevin_step(
+                grads, walker, anchor, average, inner_state, key, state.coupling
+            )
+            return walker, average, inner_state, key, loss
 
         def body(carry, i):
             walker, average, inner_state, key, loss = carry
@@ -479,15 +487,26 @@ def _scan_transform(core: _EntropySGD, unroll="auto") -> optax.GradientTransform
             else:
                 grads = out
             _check_grads(grads, walker, "grad_fn(params, i)")
-            walker, average, inner_state, key = core.langevin_step(
-                grads, walker, anchor, average, inner_state, key, state.coupling
-            )
-            return (walker, average, inner_state, key, loss), None
+            return inner((walker, average, inner_state, key, loss), grads), None
 
         carry = (anchor, anchor, core.inner_optimizer.init(anchor), state.key, state.loss)
+        first = 0
+        if updates is not None:
+            # Inner step 0 starts at x′ = x: its gradient is the caller's `updates`
+            # (as in optax.contrib.sam's opaque mode), so grad_fn runs L − 1 times.
+            _check_grads(updates, params, "updates")
+            if core.calibrate and core.inner_steps == 1:
+                if value is None:
+                    raise ValueError(
+                        "calibrate_coupling=True with inner_steps=1 reads the loss of the only "
+                        "inner minibatch: update(grads, state, params, grad_fn=f, value=loss)."
+                    )
+                carry = (*carry[:4], jnp.asarray(value, jnp.float32))
+            carry = inner(carry, updates)
+            first = 1
         (walker, average, _, key, loss), _ = jax.lax.scan(
-            body, carry, jnp.arange(core.inner_steps, dtype=jnp.int32),
-            unroll=scan_unroll(unroll, core.inner_steps),
+            body, carry, jnp.arange(first, core.inner_steps, dtype=jnp.int32),
+            unroll=scan_unroll(unroll, max(1, core.inner_steps - first)),
         )
         updates, outer_state, scale, (requested, applied) = core.outer_step(
             state, params, anchor, average, walker, loss
@@ -660,14 +679,19 @@ def entropy_sgd(
     walker cast to the params' dtype. So with bfloat16 params the Langevin
     noise keeps its standard deviation ε √(2η′).
 
-    Call: ``update(updates, state, params, *, grad_fn)``. ``params`` is the
-    anchor x; ``updates`` is ignored; ``grad_fn(walker, i)`` returns the
-    minibatch gradient at the walker for inner step i = 0..L−1 (the caller
-    closes over L stacked minibatches and picks batch i, as in
-    ``optax.contrib.sam(opaque_mode=True)``), or ``(grads, loss)`` when
-    ``calibrate_coupling=True``. The L inner steps run as one
-    ``jax.lax.scan`` of the same Langevin step :func:`entropy_sgd_stepwise`
-    takes; the returned updates move x by one outer step.
+    Call: ``update(grads, state, params, *, grad_fn, value=None)``.
+    ``params`` is the anchor x and ``grads`` the minibatch gradient at x:
+    the first inner step starts at x′ = x, so that is its gradient (what any
+    Optax loop computes anyway; a transform chained before this one acts on
+    it, as in ``optax.contrib.sam(opaque_mode=True)``). ``grad_fn(walker, i)``
+    returns the minibatch gradient at the walker for inner steps
+    i = 1..L−1 (the caller closes over L stacked minibatches and picks batch
+    i), or ``(grads, loss)`` when ``calibrate_coupling=True``; so it runs
+    L − 1 times per outer step. ``value`` is the loss at x, needed only to
+    calibrate with L = 1. With ``grads=None`` ``grad_fn`` also computes
+    inner step 0. The inner steps run as one ``jax.lax.scan`` of the same
+    Langevin step :func:`entropy_sgd_stepwise` takes; the returned updates
+    move x by one outer step.
 
     BatchNorm: this transform is model-agnostic. Running statistics are
     handled by the training step (``flatjax.training``) in one of two
@@ -722,7 +746,7 @@ def entropy_sgd(
       >>> opt = flatjax.entropy_sgd(1.0, inner_steps=3, coupling=1.0)
       >>> params = jnp.ones(2)
       >>> state = opt.init(params)
-      >>> updates, state = opt.update(None, state, params, grad_fn=grad_fn)
+      >>> updates, state = opt.update(grad_fn(params, 0), state, params, grad_fn=grad_fn)
       >>> bool(jnp.all(optax.apply_updates(params, updates) < params))
       True
 

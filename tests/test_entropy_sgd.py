@@ -583,3 +583,49 @@ def test_outer_step_clamp_follows_the_outer_learning_rate():
     # Chaudhari's unscaled outer step ("none") needs no outer bound.
     opt = flatjax.entropy_sgd(2.0, coupling=100.0, inner_learning_rate=0.001, outer_scale="none")
     assert float(opt.init(jnp.zeros(3)).coupling) == pytest.approx(100.0)
+
+
+def test_scan_mode_takes_the_first_inner_gradient_from_updates():
+    # grad_fn runs L − 1 times per outer step (counted at run time), and the
+    # result equals grad_fn computing all L gradients itself (updates=None).
+    q = quadratic(dim=4, seed=7, centred=False)
+    x = jnp.full(4, 1.5)
+    calls = []
+
+    def grad_fn(w, i):
+        jax.debug.callback(lambda i: calls.append(int(i)), i)
+        return q.grad(w)
+
+    opt = flatjax.entropy_sgd(0.5, inner_steps=4, coupling=0.5, noise=0.0)
+    step = jax.jit(lambda s, p: opt.update(q.grad(p), s, p, grad_fn=grad_fn))
+    state = opt.init(x)
+    for _ in range(3):
+        updates, state = step(state, x)
+        jax.block_until_ready(updates)
+    assert sorted(calls) == sorted([1, 2, 3] * 3)
+    both, _ = opt.update(None, opt.init(x), x, grad_fn=lambda w, i: q.grad(w))
+    first, _ = opt.update(q.grad(x), opt.init(x), x, grad_fn=lambda w, i: q.grad(w))
+    np.testing.assert_allclose(first, both, rtol=1e-6)
+
+
+def test_a_transform_chained_before_scan_mode_acts_on_the_first_gradient():
+    # Clipping the first inner gradient to zero leaves x′ = x after inner step 0;
+    # with L = 1 the outer step is then zero.
+    x = jnp.full(3, 2.0)
+    opt = optax.chain(optax.clip_by_global_norm(0.0),
+                      flatjax.entropy_sgd(0.5, inner_steps=1, coupling=0.5, noise=0.0,
+                                          inner_weight_decay=0.0))
+    updates, _ = opt.update(jnp.ones(3), opt.init(x), x, grad_fn=lambda w, i: w)
+    np.testing.assert_array_equal(updates, jnp.zeros(3))
+    unclipped = flatjax.entropy_sgd(0.5, inner_steps=1, coupling=0.5, noise=0.0)
+    updates, _ = unclipped.update(jnp.ones(3), unclipped.init(x), x, grad_fn=lambda w, i: w)
+    assert float(jnp.abs(updates).max()) > 0
+
+
+def test_calibration_with_one_inner_step_needs_the_loss_value():
+    opt = flatjax.entropy_sgd(0.1, inner_steps=1, calibrate_coupling=True, calibration_step=0)
+    x = jnp.ones(2)
+    with pytest.raises(ValueError, match="value=loss"):
+        opt.update(x, opt.init(x), x, grad_fn=lambda w, i: (w, 0.0))
+    _, state = opt.update(x, opt.init(x), x, grad_fn=lambda w, i: (w, 0.0), value=1.0)
+    assert float(state.requested_coupling) > 0

@@ -116,7 +116,9 @@ def _esgd_run(
                 loss, grads = jax.value_and_grad(_loss)(w, xs[b], ys[b])
                 return (grads, loss) if calibrate else grads
 
-            updates, state = opt.update(None, state, params, grad_fn=grad_fn)
+            # Inner step 0's gradient (at the anchor) comes in as `updates`.
+            loss0, grads0 = jax.value_and_grad(_loss)(params, xs[batches[0]], ys[batches[0]])
+            updates, state = opt.update(grads0, state, params, grad_fn=grad_fn, value=loss0)
             return optax.apply_updates(params, updates), state
 
         for t in range(num_steps):

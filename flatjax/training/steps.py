@@ -190,7 +190,11 @@ def _esgd_scan_step(config):
                 )
                 return (grads, loss) if calibrate else grads
 
-            new = state.apply_gradients(grads=None, grad_fn=grad_fn)
+            # Inner step 0 starts at the anchor: its gradient is the usual one.
+            (loss0, _), grads0 = value_and_grad(
+                state.apply_fn, state.params, state.batch_stats, pick(0), keys[0]
+            )
+            new = state.apply_gradients(grads=grads0, grad_fn=grad_fn, value=loss0)
             last = pick(num_inner - 1)
             loss, (error, _) = _loss_fn(
                 state.apply_fn, new.params, state.batch_stats, last, keys[-1]
