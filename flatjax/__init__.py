@@ -35,6 +35,7 @@ from flatjax._replicate import (
     replica_map,
     replicate,
     replicate_coupling,
+    replicated_sgd,
 )
 
 # --- flatness measures ---

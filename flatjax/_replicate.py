@@ -42,6 +42,7 @@ from flatjax._stability import learning_rate_at, probe_sgd, stable_coupling_step
 __all__ = [
     "ReplicateState",
     "replicate",
+    "replicated_sgd",
     "replicate_coupling",
     "init_replicas",
     "replica_center",
@@ -488,6 +489,73 @@ def replicate(
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def replicated_sgd(
+    learning_rate: float | optax.Schedule,
+    num_replicas: int,
+    coupling: float | optax.Schedule,
+    *,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 0.0,
+    axis_name: Hashable | None = None,
+    coupling_step: str = "explicit",
+    max_coupling: float | None = None,
+    clamp_fraction: float = 0.5,
+    explicit_center: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Replicated-SGD with SGD replicas, from one learning rate: the authors' optimizer.
+
+    ``replicate(chain(add_decayed_weights(λ), sgd(η, β, nesterov)), y, γ)``:
+    each replica steps on ∇L_{batch a}(wᵃ) + γ (wᵃ − c) + λ wᵃ with SGD of rate
+    η and momentum β (Nesterov by default), the coupling inside the momentum.
+    To reproduce the authors' runs (SacredDNN ``robust_dnn.py``, lr × y and
+    PyTorch weight decay wd) pass their lr, ``weight_decay = y · wd`` and
+    γ = 2g. With ``explicit_center`` the centre is a variable moved by the
+    same SGD (their ``use_center``). See :func:`replicate` for the coupling,
+    the stability clamp and the devices.
+
+    Args:
+      learning_rate: η, a float or an Optax schedule.
+      num_replicas: y >= 1.
+      coupling: γ >= 0, a float or an Optax schedule.
+      momentum: β in [0, 1).
+      nesterov: Nesterov momentum (the authors' choice).
+      weight_decay: λ >= 0, each replica's weight decay.
+      axis_name, coupling_step, max_coupling, clamp_fraction: as in
+        :func:`replicate`.
+      explicit_center: make the centre a variable moved by the same SGD.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state `ReplicateState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, flatjax
+      >>> opt = flatjax.replicated_sgd(0.1, 2, coupling=1.0, weight_decay=1e-3)
+      >>> params = jnp.array([[0.0, 2.0], [2.0, 0.0]])
+      >>> updates, state = opt.update(jnp.zeros_like(params), opt.init(params), params)
+      >>> float(state.coupling)
+      1.0
+    """
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (
+        0 <= momentum < 1
+    ):
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}.")
+    _check_nonnegative_hparam("weight_decay", weight_decay)
+    _check_nonnegative_hparam("learning_rate", learning_rate, positive=not callable(learning_rate))
+
+    def sgd():
+        return optax.chain(
+            optax.add_decayed_weights(weight_decay),
+            optax.sgd(learning_rate, momentum=momentum or None, nesterov=bool(nesterov)),
+        )
+
+    return replicate(
+        sgd(), num_replicas, coupling, axis_name=axis_name, coupling_step=coupling_step,
+        max_coupling=max_coupling, clamp_fraction=clamp_fraction,
+        center_optimizer=sgd() if explicit_center else None,
+    )
 
 
 def replicate_coupling(state: ReplicateState) -> jax.Array:

@@ -581,3 +581,30 @@ def test_recompute_batch_stats_rejects_bad_inputs():
         flatjax.recompute_batch_stats(frozen, variables, [x])
     with pytest.raises(TypeError, match="apply_fn must be callable"):
         flatjax.recompute_batch_stats(None, variables, [x])
+
+
+def test_replicated_sgd_is_replicate_of_sgd_with_one_learning_rate():
+    params = stacked_quadratic_params()
+    q = quadratic(DIM)
+    schedule = flatjax.exponential_coupling(0.2, total_steps=10, factor=10.0)
+    alias = flatjax.replicated_sgd(0.05, Y, schedule, weight_decay=1e-3)
+    manual = flatjax.replicate(
+        optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.05, 0.9, nesterov=True)),
+        Y, schedule,
+    )
+    got, _ = run(alias, params, lambda w: w @ q.hessian.T, steps=6)
+    want, _ = run(manual, params, lambda w: w @ q.hessian.T, steps=6)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # y = 1 and γ = 0: plain SGD with Nesterov momentum.
+    single = flatjax.replicated_sgd(0.05, 1, 0.0)
+    got, _ = run(single, params[:1], lambda w: w @ q.hessian.T, steps=4)
+    sgd = optax.sgd(0.05, 0.9, nesterov=True)
+    p, s = params[0], sgd.init(params[0])
+    for _ in range(4):
+        u, s = sgd.update(p @ q.hessian.T, s, p)
+        p = optax.apply_updates(p, u)
+    np.testing.assert_allclose(got[0], p, rtol=1e-6)
+    with pytest.raises(ValueError, match="momentum must be a number in"):
+        flatjax.replicated_sgd(0.1, Y, 1.0, momentum=1.0)
+    with pytest.raises(ValueError, match="learning_rate must be positive"):
+        flatjax.replicated_sgd(0.0, Y, 1.0)

@@ -233,13 +233,13 @@ def make_optimizer(
             "rsgd.coupling is None (balanced γ_0) but no measured rsgd_coupling was given; "
             "create_train_state measures it from training batches (balance_batches=)."
         )
-    return flatjax.replicate(
-        optax.chain(
-            optax.add_decayed_weights(rsgd_weight_decay(config)),
-            optax.sgd(_lr_schedule(config, plan.total_steps), config.momentum, config.nesterov),
-        ),
+    return flatjax.replicated_sgd(
+        _lr_schedule(config, plan.total_steps),
         r.num_replicas,
         _rsgd_coupling(config, plan, float(gamma0)),
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=rsgd_weight_decay(config),
         coupling_step=r.coupling_step,
     )
 
