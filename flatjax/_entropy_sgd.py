@@ -52,8 +52,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flatjax._schedules import value_at_zero
-from flatjax._stability import learning_rate_at, probe_sgd, stable_coupling_step
+from flatjax import _stability
+from flatjax._schedules import checkable, is_traced, value_at_zero
 
 __all__ = [
     "EntropySGDState",
@@ -203,15 +203,35 @@ class _EntropySGD:
         clamp_fraction,
         seed,
     ):
+        # Numeric hyperparameters may be traced (optax.inject_hyperparams): they
+        # are checked when concrete and kept as given for the computation.
+        inner_weight_decay_given, inner_momentum_given = inner_weight_decay, inner_momentum
+        given = dict(
+            coupling=coupling, inner_learning_rate=inner_learning_rate, noise=noise,
+            average_weight=average_weight, max_coupling=max_coupling,
+            clamp_fraction=clamp_fraction,
+        )
+        coupling = checkable(coupling, 1.0)
+        inner_learning_rate = checkable(inner_learning_rate, 0.1)
+        noise = checkable(noise, 0.0)
+        average_weight = checkable(average_weight, 0.5)
+        inner_weight_decay = checkable(inner_weight_decay, 0.0)
+        inner_momentum = checkable(inner_momentum, 0.0)
+        max_coupling = checkable(max_coupling, 1.0)
+        clamp_fraction = checkable(clamp_fraction, 0.5)
         if not isinstance(inner_steps, numbers.Integral) or isinstance(inner_steps, bool):
-            raise TypeError(f"inner_steps (L) must be an int, got {inner_steps!r}.")
+            raise TypeError(
+                f"inner_steps (L) must be an int, got {inner_steps!r} (with "
+                "optax.inject_hyperparams, list it in static_args)."
+            )
         if inner_steps < 1:
             raise ValueError(f"inner_steps (L) must be >= 1, got {inner_steps}.")
         if _is_real(coupling):
             if not math.isfinite(coupling) or not coupling >= 0:
                 raise ValueError(f"coupling (γ) must be a finite number >= 0, got {coupling!r}.")
             value = float(coupling)
-            coupling_fn = lambda count: jnp.full((), value, jnp.float32)
+            constant = given["coupling"]
+            coupling_fn = lambda count: jnp.full((), constant, jnp.float32)
         elif callable(coupling):
             coupling_fn = lambda count: jnp.asarray(coupling(count), jnp.float32)
             at_zero = value_at_zero(coupling_fn)
@@ -269,16 +289,17 @@ class _EntropySGD:
         if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {seed!r}.")
         if inner_optimizer is None:
+            # The momentum buffer is always there (a momentum of 0 is plain SGD),
+            # so the state's structure does not depend on the values.
             inner_optimizer = optax.chain(
-                optax.add_decayed_weights(inner_weight_decay),
+                optax.add_decayed_weights(inner_weight_decay_given),
                 optax.sgd(
-                    inner_learning_rate,
-                    momentum=inner_momentum or None,
+                    given["inner_learning_rate"],
+                    momentum=inner_momentum_given,
                     nesterov=bool(inner_nesterov),
                 ),
             )
-        probe = probe_sgd(inner_optimizer)
-        if inner_coupling == "update" and probe is None:
+        if inner_coupling == "update" and _stability.sgd_type(inner_optimizer) is False:
             raise ValueError(
                 "inner_coupling='update' adds −η′γ(x′ − x) after the inner optimizer and needs "
                 "an SGD-type inner optimizer whose rate can be read from it; use the default "
@@ -288,43 +309,38 @@ class _EntropySGD:
         # The outer step is SGD on −F with the rate η (outer_scale 'coupling' or
         # 'gradient'); −F's Hessian γI − γ²Cov is at most γ, so it is stable
         # for every loss while ηγ is below the outer optimizer's bound.
-        self.outer_probe = None if outer_scale == "none" else probe_sgd(outer_optimizer)
+        self.outer_usable = outer_scale != "none" and _stability.can_measure(outer_optimizer)
         self.inner_optimizer = optax.with_extra_args_support(inner_optimizer)
-        self.inner_probe = probe
+        self.inner_usable = _stability.can_measure(inner_optimizer)
         self._raw_inner = inner_optimizer
         self.inner_steps = int(inner_steps)
         self.coupling_fn = coupling_fn
-        self.noise_std = float(noise) * math.sqrt(2.0 * inner_learning_rate)
-        self.average_weight = float(average_weight)
+        self.add_noise = is_traced(given["noise"]) or noise > 0
+        self.noise_std = given["noise"] * jnp.sqrt(2.0 * jnp.asarray(given["inner_learning_rate"]))
+        self.average_weight = given["average_weight"]
         self.inner_coupling = inner_coupling
         self.outer_scale = outer_scale
         self.calibrate = bool(calibrate_coupling)
         self.calibration_step = int(calibration_step)
-        self.max_coupling = None if max_coupling is None else float(max_coupling)
-        self.clamp_fraction = float(clamp_fraction)
+        self.max_coupling = given["max_coupling"]
+        self.clamp_fraction = given["clamp_fraction"]
         self.seed = int(seed)
 
     # ------------------------------------------------------------------ coupling
 
     def stable_coupling(self, count):
         """clamp_fraction × the largest γ at which the inner and outer steps are stable."""
-        stable = jnp.full((), jnp.inf, jnp.float32)
-        probe = self.inner_probe
-        if probe is not None:
-            if self.inner_coupling == "gradient":
-                bound = stable_coupling_step(probe.momentum, probe.nesterov)
-            else:
-                bound = 2.0  # −η′γ(x′ − x) outside the momentum: plain SGD's bound
-            eta = learning_rate_at(self._raw_inner, probe, 0)
-            stable = jnp.minimum(stable, self.clamp_fraction * bound / eta)
-        probe = self.outer_probe
-        if probe is not None:
-            bound = stable_coupling_step(probe.momentum, probe.nesterov)
-            eta = learning_rate_at(self.outer_optimizer, probe, count)
-            stable = jnp.minimum(
-                stable, jnp.where(eta > 0, self.clamp_fraction * bound / eta, jnp.inf)
+        if self.inner_coupling == "gradient":
+            stable = _stability.stable_coupling(self._raw_inner, 0, usable=self.inner_usable)
+        else:  # −η′γ(x′ − x) outside the momentum: plain SGD's bound 2/η′
+            eta = _stability.learning_rate_at(self._raw_inner, 0)
+            stable = jnp.where(eta > 0, 2.0 / jnp.where(eta > 0, eta, 1.0), jnp.inf)
+        if self.outer_scale != "none":
+            outer = _stability.stable_coupling(
+                self.outer_optimizer, count, usable=self.outer_usable
             )
-        return stable
+            stable = jnp.minimum(stable, outer)
+        return (self.clamp_fraction * stable).astype(jnp.float32)
 
     def couplings(self, scale, count):
         """(requested, applied) γ at outer step ``count`` for calibration scale ``scale``."""
@@ -333,7 +349,7 @@ class _EntropySGD:
             requested = jnp.where(count > self.calibration_step, requested, 0.0)
         applied = jnp.minimum(requested, self.stable_coupling(count))
         if self.max_coupling is not None:
-            applied = jnp.minimum(applied, jnp.float32(self.max_coupling))
+            applied = jnp.minimum(applied, jnp.asarray(self.max_coupling, jnp.float32))
         return requested.astype(jnp.float32), applied.astype(jnp.float32)
 
     # ------------------------------------------------------------------ state
@@ -372,12 +388,12 @@ class _EntropySGD:
             steps, inner_state = self.inner_optimizer.update(pulled, inner_state, walker)
         else:
             steps, inner_state = self.inner_optimizer.update(grads, inner_state, walker)
-            eta = learning_rate_at(self._raw_inner, self.inner_probe, 0)
+            eta = _stability.learning_rate_at(self._raw_inner, 0)
             steps = jax.tree.map(
                 lambda s, w, x: s - eta * gamma * (w - x), steps, walker, anchor
             )
         key, noise_key = jax.random.split(key)
-        if self.noise_std > 0:
+        if self.add_noise:
             xi = optax.tree.random_like(noise_key, walker, jax.random.normal)
             steps = jax.tree.map(lambda s, n: s + self.noise_std * n, steps, xi)
         walker = jax.tree.map(lambda w, s: (w + s).astype(w.dtype), walker, steps)
@@ -423,20 +439,24 @@ def _defaults_outer(learning_rate, momentum, nesterov, weight_decay, outer_optim
         return optax.with_extra_args_support(outer_optimizer)
     if learning_rate is None:
         raise ValueError("learning_rate (η, outer step) is required without outer_optimizer.")
-    if not _is_real(learning_rate) and not callable(learning_rate):
+    lr, beta, wd = (checkable(learning_rate, 0.1), checkable(momentum, 0.0),
+                    checkable(weight_decay, 0.0))
+    if not _is_real(lr) and not callable(lr):
         raise TypeError(
             f"learning_rate (η) must be a number or an Optax schedule, got {learning_rate!r}."
         )
-    if _is_real(learning_rate) and not (math.isfinite(learning_rate) and learning_rate > 0):
+    if _is_real(lr) and not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"learning_rate (η) must be a finite number > 0, got {learning_rate!r}.")
-    if not _is_real(momentum) or not 0 <= momentum < 1:
+    if not _is_real(beta) or not 0 <= beta < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
-    if not _is_finite(weight_decay) or not weight_decay >= 0:
+    if not _is_finite(wd) or not wd >= 0:
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}.")
-    sgd = optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov and momentum > 0)
-    if weight_decay > 0:
-        return optax.chain(optax.add_decayed_weights(weight_decay), sgd)
-    return sgd
+    # Weight decay and momentum buffer always present: the state's structure
+    # does not depend on the values (a decay or momentum of 0 changes nothing).
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(learning_rate, momentum=momentum, nesterov=bool(nesterov)),
+    )
 
 
 def _check_unroll(unroll) -> None:

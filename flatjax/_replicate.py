@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flatjax._schedules import value_at_zero
-from flatjax._stability import learning_rate_at, probe_sgd, stable_coupling_step
+from flatjax import _stability
+from flatjax._schedules import checkable, is_traced, value_at_zero
 
 __all__ = [
     "ReplicateState",
@@ -95,9 +95,12 @@ def _is_schedule(x) -> bool:
 
 
 def _check_nonnegative_hparam(name: str, value, *, positive: bool = False) -> None:
-    """Checks a float or schedule hyperparameter eagerly (a schedule at step 0)."""
-    at_zero = value_at_zero(value) if _is_schedule(value) else value
-    if at_zero is None:  # a schedule closing over traced values: checked when it runs
+    """Checks a float or schedule hyperparameter eagerly (a schedule at step 0).
+
+    Traced values (``optax.inject_hyperparams`` under ``jit``) are left to run.
+    """
+    at_zero = value_at_zero(value) if _is_schedule(value) else checkable(value, None)
+    if at_zero is None:  # traced, or a schedule closing over traced values
         return
     # Strings and bools would pass float(); only numbers (or 0-d arrays) are accepted.
     if isinstance(at_zero, (str, bytes, bool)):
@@ -345,7 +348,10 @@ def replicate(
             f"base_optimizer must be an optax.GradientTransformation, got {base_optimizer!r}."
         )
     if isinstance(num_replicas, bool) or not isinstance(num_replicas, numbers.Integral):
-        raise TypeError(f"num_replicas must be an int, got {num_replicas!r}.")
+        raise TypeError(
+            f"num_replicas must be an int, got {num_replicas!r} (with "
+            "optax.inject_hyperparams, list it in static_args)."
+        )
     if num_replicas < 1:
         raise ValueError(f"num_replicas must be >= 1, got {num_replicas}.")
     num_replicas = int(num_replicas)
@@ -356,8 +362,9 @@ def replicate(
         raise ValueError(f"coupling_step must be one of {_COUPLING_STEPS}, got {coupling_step!r}.")
     if max_coupling is not None:
         _check_nonnegative_hparam("max_coupling", max_coupling, positive=True)
-    if isinstance(clamp_fraction, bool) or not isinstance(clamp_fraction, numbers.Real) or not (
-        0 < clamp_fraction <= 1
+    fraction = checkable(clamp_fraction, 0.5)
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not (
+        0 < fraction <= 1
     ):
         raise ValueError(f"clamp_fraction must be a number in (0, 1], got {clamp_fraction!r}.")
     if center_optimizer is not None and not isinstance(
@@ -368,8 +375,9 @@ def replicate(
             f"got {center_optimizer!r}."
         )
     base = optax.with_extra_args_support(base_optimizer)
-    probe = probe_sgd(base_optimizer)
-    if learning_rate is not None and probe is not None:
+    base_usable = _stability.can_measure(base_optimizer)
+    probe = _stability.probe_sgd(base_optimizer)
+    if learning_rate is not None and probe is not None and not is_traced(learning_rate):
         given = float(_value_at(learning_rate, probe.count))
         if not math.isclose(given, probe.learning_rate, rel_tol=1e-4):
             raise ValueError(
@@ -377,43 +385,44 @@ def replicate(
                 f"optimizer's own learning rate {probe.learning_rate:.6g}; drop learning_rate=, "
                 "replicate reads it from base_optimizer."
             )
-    if coupling_step == "proximal" and probe is None and learning_rate is None:
+    if (
+        coupling_step == "proximal"
+        and learning_rate is None
+        and _stability.sgd_type(base_optimizer) is False
+    ):
         raise ValueError(
             'coupling_step="proximal" needs the base optimizer\'s learning rate, and this '
             "base optimizer is not SGD-type (its rate cannot be read from it); pass "
             'learning_rate=..., or use coupling_step="explicit".'
         )
-    center_probe = None
-    if center_optimizer is not None:
-        center_probe = probe_sgd(center_optimizer)
+    center_usable = center_optimizer is not None and _stability.can_measure(center_optimizer)
 
     def eta_at(count):
-        if probe is not None:
-            return learning_rate_at(base_optimizer, probe, count)
-        return _value_at(learning_rate, count)
+        if learning_rate is not None:
+            return _value_at(learning_rate, count)
+        return _stability.learning_rate_at(base_optimizer, count)
 
     def stable_gamma(count):
-        """clamp_fraction × the largest stable γ at step ``count`` (∞ when unknown)."""
-        slowness = jnp.zeros((), jnp.float32)  # Σ η_i / bound_i; γ_stable = 1 / slowness
-        known = False
-        if coupling_step == "explicit" and probe is not None:
-            bound = stable_coupling_step(probe.momentum, probe.nesterov)
-            slowness = slowness + eta_at(count) / bound
-            known = True
-        if center_probe is not None:
-            bound = stable_coupling_step(center_probe.momentum, center_probe.nesterov)
-            eta_c = learning_rate_at(center_optimizer, center_probe, count)
-            slowness = slowness + eta_c * num_replicas / bound
-            known = True
-        if not known:
-            return jnp.full((), jnp.inf, jnp.float32)
-        return jnp.where(slowness > 0, clamp_fraction / jnp.maximum(slowness, 1e-30), jnp.inf)
+        """clamp_fraction × the largest stable γ at step ``count`` (∞ when unbounded).
+
+        The rates add: 1/γ_stable = η/b + η_c y/b_c (exact for plain SGD).
+        """
+        slowness = jnp.zeros((), jnp.float32)
+        if coupling_step == "explicit":
+            gamma_r = _stability.stable_coupling(base_optimizer, count, usable=base_usable)
+            slowness = slowness + 1.0 / gamma_r
+        if center_optimizer is not None:
+            gamma_c = _stability.stable_coupling(center_optimizer, count, usable=center_usable)
+            slowness = slowness + num_replicas / gamma_c
+        return jnp.where(
+            slowness > 0, clamp_fraction / jnp.where(slowness > 0, slowness, 1.0), jnp.inf
+        )
 
     def couplings(count):
         requested = _value_at(coupling, count)
         applied = jnp.minimum(requested, stable_gamma(count))
         if max_coupling is not None:
-            applied = jnp.minimum(applied, jnp.float32(max_coupling))
+            applied = jnp.minimum(applied, jnp.asarray(max_coupling, jnp.float32))
         return requested, applied
 
     def init_fn(params):
@@ -538,9 +547,8 @@ def replicated_sgd(
       >>> float(state.coupling)
       1.0
     """
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (
-        0 <= momentum < 1
-    ):
+    beta = checkable(momentum, 0.0)
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 1:
         raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}.")
     _check_nonnegative_hparam("weight_decay", weight_decay)
     _check_nonnegative_hparam("learning_rate", learning_rate, positive=not callable(learning_rate))
@@ -548,7 +556,7 @@ def replicated_sgd(
     def sgd():
         return optax.chain(
             optax.add_decayed_weights(weight_decay),
-            optax.sgd(learning_rate, momentum=momentum or None, nesterov=bool(nesterov)),
+            optax.sgd(learning_rate, momentum=momentum, nesterov=bool(nesterov)),
         )
 
     return replicate(

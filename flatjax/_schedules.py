@@ -26,6 +26,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = ["exponential_coupling", "linear_coupling", "cosine_coupling"]
@@ -44,6 +45,26 @@ def value_at_zero(schedule):
     if isinstance(value, jax.core.Tracer):
         return None
     return value
+
+
+def is_traced(x) -> bool:
+    """Whether ``x`` is a traced value (e.g. a hyperparameter injected by
+    ``optax.inject_hyperparams`` inside ``jit``): such values are checked
+    when they are concrete and otherwise left to run."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def checkable(x, placeholder):
+    """``x`` as a Python number for eager checks, or ``placeholder`` if it is traced.
+
+    0-d concrete arrays become floats (so ``entropy_sgd(jnp.array(0.1))``
+    is checked like ``entropy_sgd(0.1)``); other values pass unchanged.
+    """
+    if is_traced(x):
+        return placeholder
+    if isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) == 0:
+        return float(x)
+    return x
 
 
 def _is_finite_real(x) -> bool:

@@ -30,20 +30,22 @@ by their learning rate, and flatjax then clamps only at a user-given bound.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["SGDProbe", "probe_sgd", "stable_coupling_step", "learning_rate_at"]
+__all__ = [
+    "SGDProbe", "Measured", "measure", "probe_sgd", "stable_coupling", "stable_coupling_step",
+    "learning_rate_at", "can_measure", "sgd_type",
+]
 
 _PROBE_COUNTS = (0, 1, 10, 100, 1000)
 
 
 class SGDProbe(NamedTuple):
-    """What :func:`probe_sgd` measured.
+    """What :func:`probe_sgd` measured (concrete Python numbers).
 
     Attributes:
       learning_rate: η at the probed step count.
@@ -61,6 +63,23 @@ class SGDProbe(NamedTuple):
     has_count: bool
 
 
+class Measured(NamedTuple):
+    """η, β and the kind of an optimizer at one step count, as (traceable) arrays.
+
+    Attributes:
+      learning_rate: η (meaningful where ``known``).
+      momentum: β.
+      nesterov: bool array.
+      known: bool array, whether the optimizer is SGD-type (linear in the
+        gradient, plain, heavy-ball or Nesterov momentum).
+    """
+
+    learning_rate: jax.Array
+    momentum: jax.Array
+    nesterov: jax.Array
+    known: jax.Array
+
+
 def _pinned(state, count):
     try:
         return optax.tree_utils.tree_set(state, count=jnp.asarray(count, jnp.int32))
@@ -75,27 +94,88 @@ def _has_count(state) -> bool:
         return False
 
 
-def _updates(optimizer, grads, count):
-    """Updates of ``optimizer`` on a scalar parameter at 0, count pinned at ``count``."""
-    params = jnp.zeros((), jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
-    state = optimizer.init(params)
-    out = []
-    for g in grads:
-        u, state = optimizer.update(jnp.asarray(g, params.dtype), _pinned(state, count), params)
-        out.append(float(u))
-    return out
+def measure(optimizer: optax.GradientTransformation, count=0) -> Measured:
+    """Reads η, β and the momentum kind off ``optimizer`` at step ``count`` (traceable).
+
+    Runs it on a scalar parameter at 0 (so weight decay does not show) with
+    the gradients 1, 0, 0 (and 2, for linearity), every ``count`` field of
+    its state pinned at ``count``: SGD gives −η, 0, 0; heavy ball −η, −ηβ,
+    −ηβ²; Nesterov −η(1 + β), −ηβ², −ηβ³. Works when the hyperparameters are
+    traced (``optax.inject_hyperparams``) and costs a few scalar operations.
+    """
+    dtype = jnp.float32
+    params = jnp.zeros((), dtype)
+    state = _pinned(optimizer.init(params), count)
+
+    def step(g, s):
+        u, s = optimizer.update(jnp.asarray(g, dtype), s, params)
+        return jnp.asarray(u, dtype), _pinned(s, count)
+
+    u0, s1 = step(1.0, state)
+    u1, s2 = step(0.0, s1)
+    u2, _ = step(0.0, s2)
+    v0, _ = step(2.0, state)
+    scale = jnp.abs(u0)
+    linear = (u0 < 0) & (jnp.abs(v0 - 2 * u0) <= 1e-4 * scale)
+    plain = jnp.abs(u1) <= 1e-5 * scale
+    beta = jnp.where(plain, 0.0, u2 / jnp.where(u1 == 0, 1.0, u1))
+    heavy = jnp.abs(u1 - u0 * beta) <= 1e-3 * scale
+    nesterov = ~plain & ~heavy & (jnp.abs(u1 - u0 * beta**2 / (1 + beta)) <= 1e-3 * scale)
+    known = linear & (plain | ((beta > 0) & (beta < 1) & (heavy | nesterov)))
+    eta = jnp.where(nesterov, -u0 / (1 + beta), -u0)
+    return Measured(eta, beta, nesterov, known)
+
+
+def stable_coupling(optimizer: optax.GradientTransformation, count=0, *, usable=True):
+    """The largest γ at which an explicit coupling step of ``optimizer`` is stable.
+
+    b(β)/η from the table above at step ``count`` (traceable); +inf where the
+    optimizer is not SGD-type or η = 0 (nothing to bound). ``usable=False``
+    (an optimizer that cannot run on a scalar) gives +inf.
+    """
+    if not usable:
+        return jnp.full((), jnp.inf, jnp.float32)
+    m = measure(optimizer, count)
+    beta = m.momentum
+    bound = jnp.where(
+        beta == 0, 2.0, jnp.where(m.nesterov, 2 * (1 + beta) / (1 + 2 * beta), 2 * (1 + beta))
+    )
+    ok = m.known & (m.learning_rate > 0)
+    return jnp.where(ok, bound / jnp.where(ok, m.learning_rate, 1.0), jnp.inf)
+
+
+def can_measure(optimizer: optax.GradientTransformation) -> bool:
+    """Whether ``optimizer`` runs on a scalar parameter (so :func:`measure` applies)."""
+    try:
+        jax.eval_shape(lambda: measure(optimizer, 0))
+    except Exception:  # noqa: BLE001 - e.g. a masked optimizer bound to a tree structure
+        return False
+    return True
+
+
+def sgd_type(optimizer: optax.GradientTransformation) -> bool | None:
+    """Whether ``optimizer`` is SGD-type; None when its hyperparameters are traced."""
+    if not can_measure(optimizer):
+        return False
+    try:
+        with jax.ensure_compile_time_eval():
+            return bool(measure(optimizer, 0).known)
+    except jax.errors.ConcretizationTypeError:
+        return None
 
 
 def probe_sgd(optimizer: optax.GradientTransformation) -> SGDProbe | None:
-    """Measures η, β and the kind of an SGD-type optimizer, or None if it is not one.
+    """Concrete η, β and kind of an SGD-type optimizer (for checks), or None.
+
+    None when the optimizer is not SGD-type, its hyperparameters are traced,
+    or its learning rate is 0 at every probed step count.
 
     Args:
-      optimizer: an Optax transformation, e.g. ``optax.sgd(0.1, 0.9, nesterov=True)``
+      optimizer: an Optax transformation, e.g. ``optax.sgd(0.1, momentum=0.9, nesterov=True)``
         (chained weight decay and clipping above the update size are fine).
 
     Returns:
-      An :class:`SGDProbe`, or None when the update is not linear in the
-      gradient or is zero at every probed step count.
+      An :class:`SGDProbe`, or None.
 
     Example:
       >>> import optax
@@ -104,31 +184,23 @@ def probe_sgd(optimizer: optax.GradientTransformation) -> SGDProbe | None:
       >>> round(p.learning_rate, 6), round(p.momentum, 6), p.nesterov
       (0.1, 0.9, True)
     """
+    if not can_measure(optimizer):
+        return None
     try:
         with jax.ensure_compile_time_eval():
             has_count = _has_count(optimizer.init(jnp.zeros(())))
             for count in _PROBE_COUNTS if has_count else (0,):
-                u0, u1, u2 = _updates(optimizer, (1.0, 0.0, 0.0), count)
-                if u0 != 0.0:
+                m = measure(optimizer, count)
+                if not bool(m.known):
+                    return None
+                if float(m.learning_rate) > 0:
                     break
             else:
                 return None
-            (v0,) = _updates(optimizer, (2.0,), count)
-    except Exception:  # an optimizer that cannot run on a scalar: not SGD-type here
+            return SGDProbe(float(m.learning_rate), float(m.momentum), bool(m.nesterov), count,
+                            has_count)
+    except jax.errors.ConcretizationTypeError:
         return None
-    if not (math.isfinite(u0) and u0 < 0) or not math.isclose(v0, 2 * u0, rel_tol=1e-5):
-        return None
-    tol = 1e-5 * abs(u0)
-    if abs(u1) <= tol:
-        return SGDProbe(-u0, 0.0, False, count, has_count)
-    beta = u2 / u1
-    if not 0 < beta < 1:
-        return None
-    if math.isclose(u1, u0 * beta, rel_tol=1e-4):
-        return SGDProbe(-u0, beta, False, count, has_count)
-    if math.isclose(u1, u0 * beta * beta / (1 + beta), rel_tol=1e-4):
-        return SGDProbe(-u0 / (1 + beta), beta, True, count, has_count)
-    return None
 
 
 def stable_coupling_step(momentum: float, nesterov: bool) -> float:
@@ -148,19 +220,7 @@ def stable_coupling_step(momentum: float, nesterov: bool) -> float:
     return 2.0 * (1.0 + momentum)
 
 
-def learning_rate_at(optimizer, probe: SGDProbe, count) -> jax.Array:
-    """η of a probed optimizer at step ``count`` (traceable).
-
-    For an optimizer without ``count`` fields this is the probed constant;
-    otherwise one update of a fresh scalar state with its counts set to
-    ``count`` is run (a few scalar operations) and divided by (1 + β) for
-    Nesterov.
-    """
-    if not probe.has_count:
-        return jnp.asarray(probe.learning_rate, jnp.float32)
-    dtype = jnp.float32
-    params = jnp.zeros((), dtype)
-    state = optimizer.init(params)
-    u, _ = optimizer.update(jnp.ones((), dtype), _pinned(state, count), params)
-    scale = 1.0 + probe.momentum if probe.nesterov else 1.0
-    return jnp.maximum(-u.astype(jnp.float32) / scale, 0.0)
+def learning_rate_at(optimizer, count) -> jax.Array:
+    """η of an SGD-type optimizer at step ``count`` (traceable; 0 where not SGD-type)."""
+    m = measure(optimizer, count)
+    return jnp.where(m.known, jnp.maximum(m.learning_rate, 0.0), 0.0).astype(jnp.float32)
