@@ -426,6 +426,18 @@ def replicate(
         return requested, applied
 
     def init_fn(params):
+        if not jax.tree.leaves(params):
+            # A tree without arrays (optax.tree.map_params' placeholder): the
+            # state's structure, with every params-shaped field that tree.
+            count = jnp.zeros([], jnp.int32)
+            requested, applied = couplings(count)
+            with_center = center_optimizer is not None
+            return ReplicateState(
+                count=count, coupling=applied, requested_coupling=requested,
+                center_distance=jnp.zeros((), jnp.float32), base_state=base.init(params),
+                center=params if with_center else optax.EmptyState(),
+                center_state=center_optimizer.init(params) if with_center else optax.EmptyState(),
+            )
         _check_replica_axis(params, _local_size(num_replicas, axis_name), "params")
         _check_float_leaves(params, "params")
         mean = _tree_mean(params, axis_name)
