@@ -156,7 +156,7 @@ def main(argv=None):
         key = jax.random.PRNGKey(seed)
         replicas = flatjax.init_replicas(model.init, key, y, jnp.zeros((1, 64)))["params"]
         trained, state, gamma0 = train_rsgd(model, replicas, data, cfg, seed)
-        center = flatjax.replica_center(trained, state=state)
+        center = flatjax.replicate_eval_params(state, trained)
         logits = jax.vmap(predict, in_axes=(0, None))(trained, x_te)
         replica_errs = [error(jnp.argmax(l, -1), y_te) for l in logits]
         ensemble = jnp.mean(jax.nn.softmax(logits, -1), axis=0)

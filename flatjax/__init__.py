@@ -18,7 +18,7 @@ from flatjax._schedules import cosine_coupling, exponential_coupling, linear_cou
 from flatjax._entropy_sgd import (
     EntropySGDState,
     entropy_sgd,
-    entropy_sgd_anchor,
+    entropy_sgd_eval_params,
     entropy_sgd_coupling,
     entropy_sgd_stepwise,
     scale_by_entropy_sgd,
@@ -35,6 +35,7 @@ from flatjax._replicate import (
     replica_map,
     replicate,
     replicate_coupling,
+    replicate_eval_params,
     replicated_sgd,
 )
 

@@ -29,7 +29,7 @@ they compute the same thing:
 * :func:`entropy_sgd_stepwise`: one ``update`` call is one Langevin step
   (``updates`` = gradient at the walker, ``params`` = walker); every L-th call
   lands the outer step. An unmodified ``TrainState.apply_gradients`` loop runs
-  it; :func:`entropy_sgd_anchor` returns x for evaluation and checkpoints.
+  it; :func:`entropy_sgd_eval_params` returns x for evaluation and checkpoints.
 
 Cost: one outer step costs L gradient evaluations; the state's ``count``
 counts outer steps, not gradient evaluations.
@@ -60,7 +60,7 @@ __all__ = [
     "entropy_sgd",
     "entropy_sgd_stepwise",
     "scale_by_entropy_sgd",
-    "entropy_sgd_anchor",
+    "entropy_sgd_eval_params",
     "entropy_sgd_coupling",
 ]
 
@@ -816,7 +816,7 @@ def entropy_sgd_stepwise(
     Entropy-SGD, and the update is a pure function of ``(grads, state,
     params)`` that runs inside a ``jax.lax.scan`` (how ``flatjax.training``
     carries BatchNorm statistics in 'walker' mode). Evaluate and checkpoint
-    :func:`entropy_sgd_anchor`, not the params the loop holds. ``value`` (the
+    :func:`entropy_sgd_eval_params`, not the params the loop holds. ``value`` (the
     minibatch loss at the walker) is needed only with
     ``calibrate_coupling=True``. The anchor and the average live in the state
     in float32 (or wider), and so does the walker when the params are in a
@@ -838,7 +838,7 @@ def entropy_sgd_stepwise(
       >>> for _ in range(2):                      # L = 2 calls: one outer step
       ...     updates, state = opt.update(2.0 * walker, state, walker)
       ...     walker = optax.apply_updates(walker, updates)
-      >>> int(state.count), bool(jnp.all(flatjax.entropy_sgd_anchor(walker, state) < 1.0))
+      >>> int(state.count), bool(jnp.all(flatjax.entropy_sgd_eval_params(state, walker) < 1.0))
       (1, True)
 
     References:
@@ -891,7 +891,7 @@ def _find_state(state) -> EntropySGDState:
     return found[0]
 
 
-def entropy_sgd_anchor(params, state):
+def entropy_sgd_eval_params(state, params):
     """The anchor x, the network to evaluate and checkpoint, in either mode.
 
     In scan mode (:func:`entropy_sgd`, :func:`scale_by_entropy_sgd`) the
@@ -899,9 +899,12 @@ def entropy_sgd_anchor(params, state):
     x lives in the state. ``state`` may be the Entropy-SGD state or any
     Optax state containing exactly one (e.g. from ``optax.chain``).
 
+    The argument order is optax's (``optax.contrib.schedule_free_eval_params(state,
+    params)``).
+
     Args:
-      params: the params the training loop holds.
       state: the optimizer state.
+      params: the params the training loop holds.
 
     Returns:
       The anchor x, a pytree like ``params``.
@@ -912,7 +915,7 @@ def entropy_sgd_anchor(params, state):
       >>> params = jnp.ones(3)
       >>> state = opt.init(params)
       >>> step, state = opt.update(jnp.ones(3), state, params)
-      >>> flatjax.entropy_sgd_anchor(params + step, state)   # x has not moved yet
+      >>> flatjax.entropy_sgd_eval_params(state, params + step)   # x has not moved yet
       Array([1., 1., 1.], dtype=float32)
     """
     esgd = _find_state(state)

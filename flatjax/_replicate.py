@@ -46,6 +46,7 @@ __all__ = [
     "replicate_coupling",
     "init_replicas",
     "replica_center",
+    "replicate_eval_params",
     "replica_map",
     "average_batch_stats",
     "recompute_batch_stats",
@@ -282,7 +283,7 @@ def replicate(
     at the mean), moved by the coupling gradient γ Σ_a (c − wᵃ) through that
     optimizer (the authors' ``use_center``, whose SGD is the replicas' own),
     and the replicas are pulled towards it. Evaluate
-    ``replica_center(params, state=state)``.
+    ``replicate_eval_params(state, params)``.
 
     The authors' names (SacredDNN ``robust_dnn.py``, ``RobustNet``): their loss
     is (1/y) Σ_a L_a + g · mean_a ‖wᵃ − c‖² (no ½) with the learning rate
@@ -582,21 +583,19 @@ def replicate_coupling(state: ReplicateState) -> jax.Array:
     """The coupling γ applied by the latest update, for logging.
 
     Args:
-      state: a `ReplicateState` (possibly nested in a chain: pass the
-        `ReplicateState` itself).
+      state: a `ReplicateState`, or any Optax state containing exactly one
+        (``optax.chain``, ``inject_hyperparams``).
 
     Returns:
       float32 scalar γ (after the explicit step's clamp, if any).
 
     Example:
       >>> import jax.numpy as jnp, optax, flatjax
-      >>> opt = flatjax.replicate(optax.sgd(0.1), 2, coupling=0.3, learning_rate=0.1)
+      >>> opt = optax.chain(optax.clip(1.0), flatjax.replicate(optax.sgd(0.1), 2, coupling=0.3))
       >>> float(flatjax.replicate_coupling(opt.init(jnp.zeros((2, 3)))))
       0.3...
     """
-    if not isinstance(state, ReplicateState):
-        raise TypeError(f"state must be a ReplicateState, got {type(state).__name__}.")
-    return state.coupling
+    return _find_replicate_state(state).coupling
 
 
 # --------------------------------------------------------------------------- replicas
@@ -635,30 +634,65 @@ def init_replicas(init_fn: Callable, key: jax.Array, num_replicas: int, *args, *
     return jax.vmap(lambda k: init_fn(k, *args, **kwargs))(keys)
 
 
-def replica_center(params, *, state: ReplicateState | None = None, axis_name=None):
-    """The centre network c = (1/y) Σ_a wᵃ: the parameters to evaluate.
+def replica_center(params, *, axis_name=None):
+    """The mean of the replicas, c = (1/y) Σ_a wᵃ.
 
     Args:
       params: replicated params (leading replica axis on every leaf).
-      state: optional `ReplicateState`; when it holds an explicit centre
-        (``replicate(..., center_optimizer=...)``), that centre is returned.
       axis_name: named axis the replicas are spread over (inside
         ``shard_map``/``pmap``), or None.
 
     Returns:
-      The centre's params, without replica axis.
+      The mean's params, without replica axis.
 
     Example:
       >>> import jax.numpy as jnp, flatjax
       >>> flatjax.replica_center({"w": jnp.array([[1.0, 2.0], [3.0, 6.0]])})
       {'w': Array([2., 4.], dtype=float32)}
     """
-    if state is not None and not isinstance(state, ReplicateState):
-        raise TypeError(f"state must be None or a ReplicateState, got {type(state).__name__}.")
-    if state is not None and not isinstance(state.center, optax.EmptyState):
-        return state.center
     _check_replica_axis(params, _leading_size(params), "params")
     return _tree_mean(params, axis_name)
+
+
+def _find_replicate_state(state) -> ReplicateState:
+    is_rsgd = lambda s: isinstance(s, ReplicateState)  # noqa: E731
+    found = [s for s in jax.tree.leaves(state, is_leaf=is_rsgd) if is_rsgd(s)]
+    if len(found) != 1:
+        raise TypeError(
+            "expected an optimizer state containing exactly one ReplicateState (from "
+            f"flatjax.replicate), found {len(found)} in a {type(state).__name__}."
+        )
+    return found[0]
+
+
+def replicate_eval_params(state, params, *, axis_name=None):
+    """The centre c, the network to evaluate and checkpoint.
+
+    The explicit centre when the optimizer has one (``center_optimizer``),
+    else the mean of the replicas. ``state`` may be the `ReplicateState` or
+    any Optax state containing exactly one (e.g. ``optax.chain``,
+    ``inject_hyperparams``). The argument order is optax's
+    (``optax.contrib.schedule_free_eval_params(state, params)``).
+
+    Args:
+      state: the optimizer state.
+      params: replicated params (leading replica axis on every leaf).
+      axis_name: named axis the replicas are spread over, or None.
+
+    Returns:
+      The centre's params, without replica axis.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, flatjax
+      >>> opt = flatjax.replicated_sgd(0.1, 2, coupling=1.0)
+      >>> params = {"w": jnp.array([[1.0, 2.0], [3.0, 6.0]])}
+      >>> flatjax.replicate_eval_params(opt.init(params), params)
+      {'w': Array([2., 4.], dtype=float32)}
+    """
+    found = _find_replicate_state(state)
+    if not isinstance(found.center, optax.EmptyState):
+        return found.center
+    return replica_center(params, axis_name=axis_name)
 
 
 def _leading_size(tree) -> int:

@@ -266,8 +266,8 @@ CASES = [
          lambda: flatjax.entropy_sgd_stepwise(0.1).update(
              jnp.zeros(3), flatjax.entropy_sgd_stepwise(0.1).init(jnp.zeros(3))),
          ValueError, r"needs params \(the walker x′\)"),
-    Case("entropy_sgd_anchor-not-an-esgd-state",
-         lambda: flatjax.entropy_sgd_anchor(jnp.zeros(3), optax.sgd(0.1).init(jnp.zeros(3))),
+    Case("entropy_sgd_eval_params-not-an-esgd-state",
+         lambda: flatjax.entropy_sgd_eval_params(optax.sgd(0.1).init(jnp.zeros(3)), jnp.zeros(3)),
          ValueError, r"exactly one EntropySGDState.*found 0"),
     # ---- Replicated-SGD: replica axis, shapes, ranges, dtypes
     Case("replicate-y<1", _rsgd(num_replicas=0), ValueError, r"num_replicas must be >= 1, got 0"),
@@ -765,7 +765,7 @@ def test_entropy_sgd_non_finite_gradients_stay_visible(bad):
         step, state = stepwise.update(grads, state, walker)
         walker = optax.apply_updates(walker, step)
     assert int(state.count) == 1
-    assert not bool(jnp.all(jnp.isfinite(flatjax.entropy_sgd_anchor(walker, state))))
+    assert not bool(jnp.all(jnp.isfinite(flatjax.entropy_sgd_eval_params(state, walker))))
 
 
 def test_explicit_coupling_past_the_bound_is_clamped_not_divergent():

@@ -48,7 +48,7 @@ def test_one_outer_step_closed_form_L1(mode):
     else:
         opt = flatjax.entropy_sgd_stepwise(eta, **kw)
         walker, state = _run_stepwise(opt, lambda w, c: q.grad(w), x, calls=1)
-        new_x = flatjax.entropy_sgd_anchor(walker, state)
+        new_x = flatjax.entropy_sgd_eval_params(state, walker)
         np.testing.assert_allclose(walker, new_x, rtol=1e-6)  # params land on x
     np.testing.assert_allclose(new_x, expected, rtol=1e-5, atol=1e-6)
 
@@ -97,7 +97,7 @@ def test_zero_coupling_anchor_does_not_move(mode):
     else:
         opt = flatjax.entropy_sgd_stepwise(0.5, **kw)
         walker, state = _run_stepwise(opt, lambda w, c: q.grad(w), x, calls=8)
-        anchor = flatjax.entropy_sgd_anchor(walker, state)
+        anchor = flatjax.entropy_sgd_eval_params(state, walker)
         assert not np.allclose(walker, 1.0)  # the walker did move
     np.testing.assert_array_equal(anchor, jnp.ones(6))
 
@@ -200,7 +200,7 @@ def test_scan_and_stepwise_train_state_give_same_anchor():
     for t in range(outer_steps):
         for i in range(inner_steps):
             ts = apply(ts, xs[t, i], ys[t, i])
-    stepwise_anchor = flatjax.entropy_sgd_anchor(ts.params, ts.opt_state)
+    stepwise_anchor = flatjax.entropy_sgd_eval_params(ts.opt_state, ts.params)
 
     assert not jax.tree.all(jax.tree.map(jnp.allclose, anchor, params))  # it moved
     chex.assert_trees_all_close(stepwise_anchor, anchor, rtol=1e-5, atol=1e-6)
@@ -345,7 +345,7 @@ def test_chain_with_clipping():
     walker, state = _run_stepwise(opt, lambda w, c: q.grad(w), x, calls=3)
     reference, _ = _run_stepwise(ref, lambda w, c: q.grad(w), x, calls=3)
     np.testing.assert_allclose(walker, reference, rtol=1e-6)
-    np.testing.assert_array_equal(flatjax.entropy_sgd_anchor(walker, state), x)
+    np.testing.assert_array_equal(flatjax.entropy_sgd_eval_params(state, walker), x)
     # scan mode: clipping after it bounds the outer step
     opt = optax.chain(flatjax.entropy_sgd(0.5, coupling=1.0), optax.clip_by_global_norm(0.01))
     updates, state = opt.update(None, opt.init(x), x, grad_fn=lambda w, i: q.grad(w))
@@ -366,7 +366,7 @@ def test_scale_by_entropy_sgd_returns_gradient_of_minus_local_entropy():
     )
     updates, state = opt.update(None, opt.init(x), x, grad_fn=lambda w, i: q.grad(w))
     np.testing.assert_allclose(updates, -2.0 * 0.5 * 0.1 * q.grad(x), rtol=1e-5)
-    assert flatjax.entropy_sgd_anchor(x, state) is x
+    assert flatjax.entropy_sgd_eval_params(state, x) is x
 
 
 @pytest.mark.parametrize("mode", ["scan", "stepwise"])
@@ -452,7 +452,7 @@ def test_update_errors():
     with pytest.raises(ValueError, match="params"):
         opt.update(x, opt.init(x), None, value=1.0)
     with pytest.raises(ValueError, match="exactly one EntropySGDState"):
-        flatjax.entropy_sgd_anchor(x, optax.sgd(0.1).init(x))
+        flatjax.entropy_sgd_eval_params(optax.sgd(0.1).init(x), x)
 
 
 def test_custom_optimizers():
@@ -501,7 +501,7 @@ def test_calibrated_coupling_past_the_bound_is_clamped_and_logged(mode, inner_mo
         params, state = _run_stepwise(
             opt, lambda w, c: q.grad(w), x, calls=36, value_of=lambda w, c: q.loss(w)
         )
-        anchor = flatjax.entropy_sgd_anchor(params, state)
+        anchor = flatjax.entropy_sgd_eval_params(state, params)
     assert np.all(np.isfinite(anchor))
     assert float(state.requested_coupling) > 10 * bound
     assert float(flatjax.entropy_sgd_coupling(state)) == pytest.approx(bound, rel=1e-5)

@@ -105,7 +105,7 @@ def _prepare(name, target_params, obj):
         return (_replicated(target_params), jax.vmap(jax.grad(obj)),
                 lambda params, state: flatjax.replica_center(params))
     return (target_params, jax.grad(obj),
-            lambda params, state: flatjax.entropy_sgd_anchor(params, state))
+            lambda params, state: flatjax.entropy_sgd_eval_params(state, params))
 
 
 def _update(name, opt, grad_of, grads, state, params, **extra):

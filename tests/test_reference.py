@@ -133,7 +133,7 @@ def _esgd_run(
             value, grads = jax.value_and_grad(_loss)(walker, xs[b], ys[b])
             updates, state = opt.update(grads, state, walker, value=value)
             walker = optax.apply_updates(walker, updates)
-        history.append(flatjax.entropy_sgd_anchor(walker, state))
+        history.append(flatjax.entropy_sgd_eval_params(state, walker))
     return history
 
 
@@ -234,7 +234,7 @@ def test_where_the_authors_entropy_sgd_diverges_flatjax_clamps_visibly():
     with jax.enable_x64(True):
         got = _esgd_run(opt, params0, STEPS, L, batch_of, "scan", calibrate=True)
         state = opt.init(_as_jax(params0))
-    assert max(float(jnp.abs(v).max()) for v in got[-1].values()) < 10
+        assert max(float(jnp.abs(v).max()) for v in got[-1].values()) < 10
     from flatjax._stability import stable_coupling_step
 
     assert float(state.coupling) == 0.0  # before calibration
@@ -385,4 +385,4 @@ def test_replicate_matches_the_authors_robustnet(center):
             for a in range(y):
                 _assert_close({n: v[a] for n, v in params.items()}, want[a])
             if center:
-                _assert_close(flatjax.replica_center(params, state=state), want[y])
+                _assert_close(flatjax.replicate_eval_params(state, params), want[y])

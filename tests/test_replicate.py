@@ -88,7 +88,7 @@ def test_explicit_step_closed_form_with_fixed_center():
     for _ in range(4):
         w = w - eta * (quadratic_grads(q, w) + gamma * (w - c))
     np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(flatjax.replica_center(got, state=state), c, rtol=1e-6)
+    np.testing.assert_allclose(flatjax.replicate_eval_params(state, got), c, rtol=1e-6)
 
 
 def test_proximal_step_closed_form():
@@ -128,7 +128,7 @@ def test_center_is_the_mean():
     opt = flatjax.replicate(optax.sgd(0.1), 3, 1.0, learning_rate=0.1)
     state = opt.init(params)
     # The mean-centre state holds no centre: replica_center falls back to the mean.
-    np.testing.assert_allclose(flatjax.replica_center(params, state=state)["b"], 1.0)
+    np.testing.assert_allclose(flatjax.replicate_eval_params(state, params)["b"], 1.0)
     # mean_a ‖wᵃ − c‖²: replicas 0 and 2 differ from c by ±4 in 4 entries and ±1 in b.
     np.testing.assert_allclose(float(state.center_distance), 2 * (4 * 16 + 1) / 3, rtol=1e-6)
 
@@ -437,8 +437,8 @@ def test_shard_map_matches_one_device(n, center):
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), got_params, ref_params
     )
     assert float(got_state.center_distance) == pytest.approx(float(ref_state.center_distance), 1e-4)
-    center = flatjax.replica_center(got_params, state=got_state)
-    ref_center = flatjax.replica_center(ref_params, state=ref_state)
+    center = flatjax.replicate_eval_params(got_state, got_params)
+    ref_center = flatjax.replicate_eval_params(ref_state, ref_params)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), center, ref_center
     )
@@ -559,10 +559,10 @@ def test_helpers_reject_bad_inputs():
         flatjax.balanced_coupling(jnp.zeros(2), jnp.zeros((3, 3)))
     with pytest.raises(ValueError, match="needs y >= 2"):
         flatjax.balanced_coupling(jnp.zeros(1), jnp.zeros((1, 3)))
-    with pytest.raises(TypeError, match="must be a ReplicateState"):
+    with pytest.raises(TypeError, match="exactly one ReplicateState"):
         flatjax.replicate_coupling(optax.EmptyState())
-    with pytest.raises(TypeError, match="state must be None or a ReplicateState"):
-        flatjax.replica_center(jnp.zeros((2, 3)), state=optax.EmptyState())
+    with pytest.raises(TypeError, match="exactly one ReplicateState"):
+        flatjax.replicate_eval_params(optax.sgd(0.1).init(jnp.zeros(3)), jnp.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"batch_stats\['v'\] has leading axis 3"):
         flatjax.average_batch_stats({"m": jnp.zeros((2, 3)), "v": jnp.zeros((3, 3))})
 
@@ -608,3 +608,16 @@ def test_replicated_sgd_is_replicate_of_sgd_with_one_learning_rate():
         flatjax.replicated_sgd(0.1, Y, 1.0, momentum=1.0)
     with pytest.raises(ValueError, match="learning_rate must be positive"):
         flatjax.replicated_sgd(0.0, Y, 1.0)
+
+
+def test_helpers_find_the_state_inside_chains_and_injected_hyperparameters():
+    params = stacked_quadratic_params()
+    opt = optax.inject_hyperparams(flatjax.replicated_sgd, static_args=("num_replicas",))(
+        learning_rate=0.1, num_replicas=Y, coupling=0.4, explicit_center=True
+    )
+    chained = optax.chain(optax.clip_by_global_norm(1.0), opt)
+    state = chained.init(params)
+    assert float(flatjax.replicate_coupling(state)) == pytest.approx(0.4)
+    np.testing.assert_allclose(
+        flatjax.replicate_eval_params(state, params), params.mean(0), rtol=1e-6
+    )

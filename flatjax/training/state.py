@@ -377,7 +377,7 @@ def eval_params(state: TrainState):
     """The params to evaluate and checkpoint as THE network of the run.
 
     SGD: ``state.params``. Entropy-SGD: the anchor x
-    (:func:`flatjax.entropy_sgd_anchor`; in stepwise mode the loop holds the
+    (:func:`flatjax.entropy_sgd_eval_params`; in stepwise mode the loop holds the
     walker). Replicated-SGD: the centre c = (1/y) Σ_a wᵃ
     (:func:`flatjax.replica_center`).
 
@@ -400,7 +400,7 @@ def eval_params(state: TrainState):
     if state.algorithm == "entropy_sgd":
         import flatjax
 
-        return flatjax.entropy_sgd_anchor(state.params, state.opt_state)
+        return flatjax.entropy_sgd_eval_params(state.opt_state, state.params)
     if state.algorithm == "replicated_sgd":
         import flatjax
 

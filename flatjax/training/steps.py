@@ -222,7 +222,7 @@ def _esgd_stepwise_step(config):
         )
         new = state.apply_gradients(grads=grads, value=loss)
         if config.esgd.batch_norm == "anchor":
-            anchor = flatjax.entropy_sgd_anchor(new.params, new.opt_state)
+            anchor = flatjax.entropy_sgd_eval_params(new.opt_state, new.params)
             stats = _anchor_stats(state.apply_fn, anchor, state.batch_stats, batch, key)
         new = new.replace(batch_stats=stats)
         metrics = {
