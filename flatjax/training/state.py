@@ -404,7 +404,7 @@ def eval_params(state: TrainState):
     if state.algorithm == "replicated_sgd":
         import flatjax
 
-        return flatjax.replica_center(state.params)
+        return flatjax.replicate_eval_params(state.opt_state, state.params)
     return state.params
 
 
