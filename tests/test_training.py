@@ -462,3 +462,25 @@ def test_rsgd_coupling_grows_towards_the_factor_over_the_run(schedule, per):
     if schedule == "exponential":
         last = 0.1 * 100 ** (0.5 if per == "epoch" else 15 / 16)
         assert gammas[-1] == pytest.approx(last, rel=1e-4)
+
+
+def test_train_state_create_runs_each_transform_and_evaluates_the_right_params():
+    from flatjax.training import TrainState
+
+    w = jnp.array([1.0, -2.0])
+    grad_fn = lambda p, i: 2 * p  # noqa: E731
+    esgd = TrainState.create(apply_fn=None, params=w, algorithm="entropy_sgd",
+                             tx=flatjax.entropy_sgd_stepwise(0.5, inner_steps=2, noise=0.0))
+    for _ in range(2):
+        esgd = esgd.apply_gradients(grads=grad_fn(esgd.params, 0))
+    assert int(esgd.opt_state.count) == 1
+    np.testing.assert_allclose(eval_params(esgd), flatjax.entropy_sgd_eval_params(
+        esgd.opt_state, esgd.params))
+    replicas = jnp.stack([w, -w])
+    rsgd = TrainState.create(apply_fn=None, params=replicas, algorithm="replicated_sgd",
+                             tx=flatjax.replicated_sgd(0.1, 2, coupling=1.0))
+    rsgd = rsgd.apply_gradients(grads=2 * rsgd.params)
+    np.testing.assert_allclose(eval_params(rsgd), rsgd.params.mean(0), rtol=1e-6)
+    assert rsgd.batch_stats == {} and rsgd.rng.shape == (2,)
+    with pytest.raises(ValueError, match="algorithm must be"):
+        TrainState.create(apply_fn=None, params=w, tx=optax.sgd(0.1), algorithm="adam")

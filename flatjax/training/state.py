@@ -68,6 +68,50 @@ class TrainState(struct.PyTreeNode):
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     algorithm: str = struct.field(pytree_node=False, default="sgd")
 
+    @classmethod
+    def create(cls, *, apply_fn, params, tx, batch_stats=None, rng=None,
+               algorithm: str = "sgd") -> TrainState:
+        """A state at step 0, as flax's ``TrainState.create``: ``opt_state = tx.init(params)``.
+
+        Args:
+          apply_fn: the model's ``apply`` (or None).
+          params: the params the loop holds (for Replicated-SGD, stacked replicas).
+          tx: the Optax transformation.
+          batch_stats: BatchNorm statistics (default ``{}``: none).
+          rng: PRNG key for dropout (default ``jax.random.PRNGKey(0)``).
+          algorithm: 'sgd', 'entropy_sgd' or 'replicated_sgd' (selects
+            :func:`eval_params`).
+
+        Returns:
+          A :class:`TrainState`.
+
+        Example:
+          >>> import jax.numpy as jnp, flatjax
+          >>> from flatjax.training import TrainState
+          >>> tx = flatjax.entropy_sgd(0.5, inner_steps=2, coupling=1.0)
+          >>> state = TrainState.create(apply_fn=None, params=jnp.ones(2), tx=tx,
+          ...                           algorithm="entropy_sgd")
+          >>> grad_fn = lambda w, i: 2 * w
+          >>> state = state.apply_gradients(grads=grad_fn(state.params, 0), grad_fn=grad_fn)
+          >>> int(state.step), bool(jnp.all(state.params < 1))
+          (1, True)
+        """
+        if algorithm not in ("sgd", "entropy_sgd", "replicated_sgd"):
+            raise ValueError(
+                "algorithm must be 'sgd', 'entropy_sgd' or 'replicated_sgd', "
+                f"got {algorithm!r}."
+            )
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats={} if batch_stats is None else batch_stats,
+            opt_state=tx.init(params),
+            rng=jax.random.PRNGKey(0) if rng is None else rng,
+            apply_fn=apply_fn,
+            tx=tx,
+            algorithm=algorithm,
+        )
+
     def apply_gradients(self, *, grads, **extra_args) -> TrainState:
         """One optimizer update: ``tx.update(grads, opt_state, params, **extra_args)``.
 
