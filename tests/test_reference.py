@@ -160,6 +160,18 @@ def _authors_esgd_flatjax(coupling, **kwargs):
     )
 
 
+def _authors_reference(params0, batch_of, *, g0, g1, **overrides):
+    """The authors' EntropySGD on ``ESGD`` (``overrides`` replace entries), eps = 0."""
+    kw = {**ESGD, **overrides}
+    return ref.authors_entropy_sgd(
+        params0, lambda p, t, i: _numpy_grad(p, batch_of(t, i)), num_steps=STEPS,
+        lr=kw["lr"], L=kw["L"], momentum=kw["momentum"], momentum_sgld=kw["momentum_sgld"],
+        weight_decay=kw["weight_decay"], nesterov=True, eps=0.0, g0=g0, g1=g1,
+        gmax=kw["gmax"], epochs=1, num_batches=STEPS, gtime=1, sgld_lr=kw["sgld_lr"],
+        alpha=kw["alpha"], gscale=True,
+    )
+
+
 @pytest.mark.parametrize("mode", ["scan", "stepwise"])
 def test_entropy_sgd_matches_the_authors_with_calibration_and_scoping(mode):
     # Their g0 = 0 (calibrate at gtime = 1 from the last inner loss), g1 = 0 (derived
@@ -167,13 +179,7 @@ def test_entropy_sgd_matches_the_authors_with_calibration_and_scoping(mode):
     L = ESGD["L"]
     batch_of = lambda t, i: _batch_authors(t, i, L)  # noqa: E731
     params0 = _init(1)
-    want, g_used = ref.authors_entropy_sgd(
-        params0, lambda p, t, i: _numpy_grad(p, batch_of(t, i)), num_steps=STEPS,
-        lr=ESGD["lr"], L=L, momentum=ESGD["momentum"], momentum_sgld=ESGD["momentum_sgld"],
-        weight_decay=ESGD["weight_decay"], nesterov=True, eps=0.0, g0=0.0, g1=0.0,
-        gmax=ESGD["gmax"], epochs=1, num_batches=STEPS, gtime=1, sgld_lr=ESGD["sgld_lr"],
-        alpha=ESGD["alpha"], gscale=True,
-    )
+    want, g_used = _authors_reference(params0, batch_of, g0=0.0, g1=0.0)
     assert g_used[0] == g_used[1] == 0.0 and g_used[-1] > g_used[2] > 0  # calibrated, growing
     assert max(float(np.abs(v).max()) for v in want[-1].values()) < 10  # a stable run
     coupling = flatjax.exponential_coupling(1.0, STEPS, factor=ESGD["gmax"])
@@ -190,13 +196,7 @@ def test_entropy_sgd_matches_the_authors_with_a_fixed_schedule():
     L = ESGD["L"]
     batch_of = lambda t, i: _batch_authors(t, i, L)  # noqa: E731
     params0 = _init(2)
-    want, _ = ref.authors_entropy_sgd(
-        params0, lambda p, t, i: _numpy_grad(p, batch_of(t, i)), num_steps=STEPS,
-        lr=ESGD["lr"], L=L, momentum=ESGD["momentum"], momentum_sgld=ESGD["momentum_sgld"],
-        weight_decay=ESGD["weight_decay"], nesterov=True, eps=0.0, g0=0.5, g1=0.05,
-        gmax=ESGD["gmax"], epochs=1, num_batches=STEPS, gtime=1, sgld_lr=ESGD["sgld_lr"],
-        alpha=ESGD["alpha"], gscale=True,
-    )
+    want, _ = _authors_reference(params0, batch_of, g0=0.5, g1=0.05)
     coupling = flatjax.exponential_coupling(0.5, STEPS, factor=1.05**STEPS)
     opt = flatjax.entropy_sgd(**_authors_esgd_flatjax(coupling))
     with jax.enable_x64(True):
@@ -218,12 +218,8 @@ def test_where_the_authors_entropy_sgd_diverges_flatjax_clamps_visibly():
     L, kw = 3, dict(ESGD, L=3, sgld_lr=0.05, gmax=10.0)
     batch_of = lambda t, i: _batch_authors(t, i, L)  # noqa: E731
     params0 = _init(1)
-    want, _ = ref.authors_entropy_sgd(
-        params0, lambda p, t, i: _numpy_grad(p, batch_of(t, i)), num_steps=STEPS,
-        lr=kw["lr"], L=L, momentum=kw["momentum"], momentum_sgld=kw["momentum_sgld"],
-        weight_decay=kw["weight_decay"], eps=0.0, g0=0.0, g1=0.0, gmax=kw["gmax"], epochs=1,
-        num_batches=STEPS, gtime=1, sgld_lr=kw["sgld_lr"], alpha=kw["alpha"],
-    )
+    want, _ = _authors_reference(params0, batch_of, g0=0.0, g1=0.0, L=3, sgld_lr=0.05,
+                                 gmax=10.0)
     assert max(float(np.abs(v).max()) for v in want[-1].values()) > 1e6
     opt = flatjax.entropy_sgd(
         kw["lr"], L, flatjax.exponential_coupling(1.0, STEPS, factor=kw["gmax"]),
