@@ -1,7 +1,7 @@
 """The paper's deep-learning grid: CIFAR-10/100 × 4 architectures × {SGD, eSGD, rSGD}.
 
 What it reproduces. Pittorino et al. (ICLR 2021, arXiv 2006.07897, §6 and
-Table 1; SPEC.md §6): on CIFAR-10 and CIFAR-100, Entropy-SGD and
+Table 1): on CIFAR-10 and CIFAR-100, Entropy-SGD and
 Replicated-SGD lower the test error of ResNet-18, ResNet-110,
 PyramidNet-272 (α = 200, bottleneck) with ShakeDrop and EfficientNet-B0
 relative to the SGD baseline, and the local energy of the trained networks

@@ -1,8 +1,8 @@
 """Small networks on MNIST and Fashion-MNIST with SGD, eSGD and rSGD.
 
 What it reproduces. The small-network experiments of Pittorino et al.
-(ICLR 2021, arXiv 2006.07897, §6; SPEC.md §6: "also Fashion-MNIST/MNIST
-with small networks"): at the same number of gradient evaluations,
+(ICLR 2021, arXiv 2006.07897, §6, which also runs Fashion-MNIST/MNIST
+with small networks): at the same number of gradient evaluations,
 Entropy-SGD (L = 5) and Replicated-SGD (y = 3, centre evaluated) find
 flatter minima (lower local energy) with lower or equal test error than
 SGD. Full 60k-image datasets, so they need tfds's ``mnist`` /
