@@ -196,9 +196,22 @@ def _leading_mean(x):
     axis is sharded.
     """
     y = x.shape[0]
-    if jax.default_backend() == "cpu" and y <= 16:
+    if jax.default_backend() == "cpu" and y <= 16 and not _sharded_leading_axis(x):
         return sum(x[a] for a in range(y)) / y
     return jnp.mean(x, axis=0)
+
+
+def _sharded_leading_axis(x) -> bool:
+    """Whether ``x``'s leading axis is sharded over an Explicit mesh axis.
+
+    Slicing one replica out of such an axis is not defined (a ShardingTypeError);
+    the mean is then one collective, ``jnp.mean``.
+    """
+    try:
+        spec = jax.typeof(x).sharding.spec
+    except (AttributeError, TypeError):
+        return False
+    return len(spec) > 0 and spec[0] is not None
 
 
 def _tree_mean(tree, axis_name):

@@ -490,3 +490,28 @@ def test_train_and_evaluate_on_a_mesh_matches_one_device(tmp_path):
     assert four["step"] == one["step"]
     for key in ("train_loss", "test_loss", "test_error"):
         np.testing.assert_allclose(four[key], one[key], rtol=1e-4, atol=1e-5)
+
+
+def test_replicate_under_an_explicit_mesh_with_a_sharded_replica_axis():
+    # jax.make_mesh defaults to Explicit axes: the replica axis of the params is
+    # then part of their type, and the centre must be one collective mean.
+    from jax.sharding import NamedSharding
+
+    mesh = jax.make_mesh((2,), ("replica",), axis_types=(AxisType.Explicit,),
+                         devices=jax.devices()[:2])
+    params = jnp.arange(12.0).reshape(2, 6) / 10
+    grads = jnp.cos(params)
+    opt = flatjax.replicated_sgd(0.1, 2, coupling=0.5, weight_decay=1e-3)
+
+    def run(p):
+        state = jax.jit(opt.init)(p)
+        update = jax.jit(opt.update)
+        for _ in range(3):
+            u, state = update(grads, state, p)
+            p = optax.apply_updates(p, u)
+        return p
+
+    want = run(params)
+    with jax.set_mesh(mesh):
+        got = run(jax.device_put(params, NamedSharding(mesh, P("replica"))))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
