@@ -205,10 +205,10 @@ class _EntropySGD:
     ):
         # Numeric hyperparameters may be traced (optax.inject_hyperparams): they
         # are checked when concrete and kept as given for the computation.
-        inner_weight_decay_given, inner_momentum_given = inner_weight_decay, inner_momentum
         given = dict(
             coupling=coupling, inner_learning_rate=inner_learning_rate, noise=noise,
-            average_weight=average_weight, max_coupling=max_coupling,
+            average_weight=average_weight, inner_weight_decay=inner_weight_decay,
+            inner_momentum=inner_momentum, max_coupling=max_coupling,
             clamp_fraction=clamp_fraction,
         )
         coupling = checkable(coupling, 1.0)
@@ -292,10 +292,10 @@ class _EntropySGD:
             # The momentum buffer is always there (a momentum of 0 is plain SGD),
             # so the state's structure does not depend on the values.
             inner_optimizer = optax.chain(
-                optax.add_decayed_weights(inner_weight_decay_given),
+                optax.add_decayed_weights(given["inner_weight_decay"]),
                 optax.sgd(
                     given["inner_learning_rate"],
-                    momentum=inner_momentum_given,
+                    momentum=given["inner_momentum"],
                     nesterov=bool(inner_nesterov),
                 ),
             )
@@ -313,6 +313,10 @@ class _EntropySGD:
         self.inner_optimizer = optax.with_extra_args_support(inner_optimizer)
         self.inner_usable = _stability.can_measure(inner_optimizer)
         self._raw_inner = inner_optimizer
+        # η′ of the inner optimizer, read once (traceable): the 'update' pull's rate.
+        self.inner_eta = (
+            _stability.learning_rate_at(inner_optimizer, 0) if inner_coupling == "update" else None
+        )
         self.inner_steps = int(inner_steps)
         self.coupling_fn = coupling_fn
         self.add_noise = is_traced(given["noise"]) or noise > 0
@@ -333,7 +337,7 @@ class _EntropySGD:
         if self.inner_coupling == "gradient":
             stable = _stability.stable_coupling(self._raw_inner, 0, usable=self.inner_usable)
         else:  # −η′γ(x′ − x) outside the momentum: plain SGD's bound 2/η′
-            eta = _stability.learning_rate_at(self._raw_inner, 0)
+            eta = self.inner_eta
             stable = jnp.where(eta > 0, 2.0 / jnp.where(eta > 0, eta, 1.0), jnp.inf)
         if self.outer_scale != "none":
             outer = _stability.stable_coupling(
@@ -347,10 +351,9 @@ class _EntropySGD:
         requested = scale * self.coupling_fn(count)
         if self.calibrate:
             requested = jnp.where(count > self.calibration_step, requested, 0.0)
-        applied = jnp.minimum(requested, self.stable_coupling(count))
-        if self.max_coupling is not None:
-            applied = jnp.minimum(applied, jnp.asarray(self.max_coupling, jnp.float32))
-        return requested.astype(jnp.float32), applied.astype(jnp.float32)
+        applied = _stability.clamp_coupling(requested, self.stable_coupling(count),
+                                            self.max_coupling)
+        return requested.astype(jnp.float32), applied
 
     # ------------------------------------------------------------------ state
 
@@ -388,9 +391,8 @@ class _EntropySGD:
             steps, inner_state = self.inner_optimizer.update(pulled, inner_state, walker)
         else:
             steps, inner_state = self.inner_optimizer.update(grads, inner_state, walker)
-            eta = _stability.learning_rate_at(self._raw_inner, 0)
             steps = jax.tree.map(
-                lambda s, w, x: s - eta * gamma * (w - x), steps, walker, anchor
+                lambda s, w, x: s - self.inner_eta * gamma * (w - x), steps, walker, anchor
             )
         key, noise_key = jax.random.split(key)
         if self.add_noise:

@@ -434,10 +434,7 @@ def replicate(
 
     def couplings(count):
         requested = _value_at(coupling, count)
-        applied = jnp.minimum(requested, stable_gamma(count))
-        if max_coupling is not None:
-            applied = jnp.minimum(applied, jnp.asarray(max_coupling, jnp.float32))
-        return requested, applied
+        return requested, _stability.clamp_coupling(requested, stable_gamma(count), max_coupling)
 
     def init_fn(params):
         if not jax.tree.leaves(params):

@@ -38,7 +38,7 @@ import optax
 
 __all__ = [
     "SGDProbe", "Measured", "measure", "probe_sgd", "stable_coupling", "stable_coupling_step",
-    "learning_rate_at", "can_measure", "sgd_type",
+    "learning_rate_at", "can_measure", "sgd_type", "clamp_coupling",
 ]
 
 _PROBE_COUNTS = (0, 1, 10, 100, 1000)
@@ -52,15 +52,12 @@ class SGDProbe(NamedTuple):
       momentum: β (0 for plain SGD).
       nesterov: whether the momentum is Nesterov's.
       count: the step count at which η was read (the first with η > 0).
-      has_count: whether the optimizer's state has ``count`` fields (a
-        schedule), so η must be re-read at every step.
     """
 
     learning_rate: float
     momentum: float
     nesterov: bool
     count: int
-    has_count: bool
 
 
 class Measured(NamedTuple):
@@ -136,10 +133,7 @@ def stable_coupling(optimizer: optax.GradientTransformation, count=0, *, usable=
     if not usable:
         return jnp.full((), jnp.inf, jnp.float32)
     m = measure(optimizer, count)
-    beta = m.momentum
-    bound = jnp.where(
-        beta == 0, 2.0, jnp.where(m.nesterov, 2 * (1 + beta) / (1 + 2 * beta), 2 * (1 + beta))
-    )
+    bound = stable_coupling_step(m.momentum, m.nesterov)
     ok = m.known & (m.learning_rate > 0)
     return jnp.where(ok, bound / jnp.where(ok, m.learning_rate, 1.0), jnp.inf)
 
@@ -197,14 +191,15 @@ def probe_sgd(optimizer: optax.GradientTransformation) -> SGDProbe | None:
                     break
             else:
                 return None
-            return SGDProbe(float(m.learning_rate), float(m.momentum), bool(m.nesterov), count,
-                            has_count)
+            return SGDProbe(float(m.learning_rate), float(m.momentum), bool(m.nesterov), count)
     except jax.errors.ConcretizationTypeError:
         return None
 
 
-def stable_coupling_step(momentum: float, nesterov: bool) -> float:
+def stable_coupling_step(momentum, nesterov):
     """The largest a = ηγ at which the explicit coupling step is stable (table above).
+
+    Python numbers give a float; arrays (a :class:`Measured`) give an array.
 
     Example:
       >>> from flatjax._stability import stable_coupling_step
@@ -213,11 +208,18 @@ def stable_coupling_step(momentum: float, nesterov: bool) -> float:
       >>> round(stable_coupling_step(0.9, True), 4)
       1.3571
     """
-    if momentum == 0:
-        return 2.0
-    if nesterov:
-        return 2.0 * (1.0 + momentum) / (1.0 + 2.0 * momentum)
-    return 2.0 * (1.0 + momentum)
+    heavy_ball = 2.0 * (1.0 + momentum)  # β = 0 gives plain SGD's 2 in both forms
+    if isinstance(nesterov, bool):
+        return heavy_ball / (1.0 + 2.0 * momentum) if nesterov else heavy_ball
+    return jnp.where(nesterov, heavy_ball / (1.0 + 2.0 * momentum), heavy_ball)
+
+
+def clamp_coupling(requested, stable, max_coupling=None):
+    """The applied γ: min(requested, stable, max_coupling), float32 (traceable)."""
+    applied = jnp.minimum(jnp.asarray(requested, jnp.float32), stable)
+    if max_coupling is not None:
+        applied = jnp.minimum(applied, jnp.asarray(max_coupling, jnp.float32))
+    return applied.astype(jnp.float32)
 
 
 def learning_rate_at(optimizer, count) -> jax.Array:

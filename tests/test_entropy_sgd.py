@@ -623,9 +623,15 @@ def test_a_transform_chained_before_scan_mode_acts_on_the_first_gradient():
 
 
 def test_calibration_with_one_inner_step_needs_the_loss_value():
-    opt = flatjax.entropy_sgd(0.1, inner_steps=1, calibrate_coupling=True, calibration_step=0)
+    # L = 1, gradient g = x at x = (1, 1), ε = 0: x′ = x − η′(1 + λ′) x, so with the
+    # loss value 1 the calibrated γ̂0 = 1 / (½ ‖η′(1 + λ′) x‖²) (constant schedule).
+    eta_in, wd_in = 0.1, 1e-4
+    opt = flatjax.entropy_sgd(0.1, inner_steps=1, calibrate_coupling=True, calibration_step=0,
+                              noise=0.0, inner_learning_rate=eta_in, inner_weight_decay=wd_in,
+                              clamp_fraction=1.0, momentum=0.0)
     x = jnp.ones(2)
     with pytest.raises(ValueError, match="value=loss"):
         opt.update(x, opt.init(x), x, grad_fn=lambda w, i: (w, 0.0))
     _, state = opt.update(x, opt.init(x), x, grad_fn=lambda w, i: (w, 0.0), value=1.0)
-    assert float(state.requested_coupling) > 0
+    expected = 1.0 / (0.5 * 2 * (eta_in * (1 + wd_in)) ** 2)
+    assert float(state.requested_coupling) == pytest.approx(expected, rel=1e-5)

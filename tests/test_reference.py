@@ -382,3 +382,12 @@ def test_replicate_matches_the_authors_robustnet(center):
                 _assert_close({n: v[a] for n, v in params.items()}, want[a])
             if center:
                 _assert_close(flatjax.replicate_eval_params(state, params), want[y])
+
+
+@pytest.mark.parametrize(
+    "check", sorted(n for n in dir(ref) if n.startswith("_selfcheck_") and n != "_selfcheck_all")
+)
+def test_transcriptions_pass_their_hand_computed_checks(check):
+    # Each transcription against a hand-computed step or a reduction (g = 0, y = 1
+    # is PyTorch SGD; one step on a 1-d quadratic), independent of flatjax.
+    getattr(ref, check)()
