@@ -18,6 +18,7 @@ from flatjax._schedules import cosine_coupling, exponential_coupling, linear_cou
 from flatjax._entropy_sgd import (
     EntropySGDState,
     entropy_sgd,
+    entropy_sgd_aux,
     entropy_sgd_eval_params,
     entropy_sgd_coupling,
     entropy_sgd_stepwise,

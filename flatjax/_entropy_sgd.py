@@ -62,6 +62,7 @@ __all__ = [
     "scale_by_entropy_sgd",
     "entropy_sgd_eval_params",
     "entropy_sgd_coupling",
+    "entropy_sgd_aux",
 ]
 
 Coupling = float | Callable[[jax.Array], jax.Array]
@@ -94,6 +95,9 @@ class EntropySGDState(NamedTuple):
       inner_state: state of the inner optimizer (stepwise mode; ``None`` in
         scan mode, where it is re-initialised at every outer step).
       outer_state: state of the outer optimizer.
+      aux: scan mode with ``has_aux=True``: the auxiliary value the last inner
+        step's ``grad_fn`` returned (e.g. the walker's BatchNorm statistics);
+        ``None`` before the first update and without ``has_aux``.
     """
 
     count: jax.Array
@@ -108,6 +112,7 @@ class EntropySGDState(NamedTuple):
     walker: Any
     inner_state: Any
     outer_state: Any
+    aux: Any = None
 
 
 _OUTER_SCALES = ("coupling", "gradient", "none")
@@ -476,57 +481,81 @@ def scan_unroll(unroll, length: int):
     return unroll
 
 
-def _scan_transform(core: _EntropySGD, unroll="auto") -> optax.GradientTransformationExtraArgs:
+def _scan_transform(
+    core: _EntropySGD, unroll="auto", has_aux: bool = False
+) -> optax.GradientTransformationExtraArgs:
     def init_fn(params):
         return core.init_state(params, stepwise=False)
 
-    def update_fn(updates, state, params=None, *, grad_fn=None, value=None, **extra_args):
+    def call_grad_fn(grad_fn, walker, i, aux, loss):
+        """One inner gradient: (grads, loss, aux) whatever grad_fn's form."""
+        if has_aux:
+            out = grad_fn(walker, i, aux)
+            try:
+                (loss, aux), grads = out
+            except (TypeError, ValueError):
+                raise ValueError(
+                    "with has_aux=True, grad_fn(walker, i, aux) must return ((loss, aux), "
+                    "grads), what jax.value_and_grad(f, has_aux=True) returns for "
+                    "f(walker, i, aux) -> (loss, aux)."
+                ) from None
+            return grads, jnp.asarray(loss, jnp.float32), aux
+        out = grad_fn(walker, i)
+        if core.calibrate:
+            grads, loss = out
+            return grads, jnp.asarray(loss, jnp.float32), aux
+        return out, loss, aux
+
+    def update_fn(updates, state, params=None, *, grad_fn=None, value=None, aux=None,
+                  **extra_args):
         del extra_args
         if grad_fn is None:
+            form = ("f(walker, i, aux) -> ((loss, aux), grads)" if has_aux else
+                    "f(walker, i) -> grads (or (grads, loss) when calibrate_coupling=True)")
             raise ValueError(
                 "entropy_sgd's update needs grad_fn=: update(grads, state, params, "
-                "grad_fn=f) with grads the minibatch gradient at params (inner step 0) and "
-                "f(walker, i) -> grads (or (grads, loss) when calibrate_coupling=True) for "
-                "inner steps i = 1..L−1."
+                f"grad_fn=f) with grads the minibatch gradient at params (inner step 0) and "
+                f"{form} for inner steps i = 1..L−1."
             )
         if params is None:
             raise ValueError("entropy_sgd's update needs params (the anchor x).")
+        if has_aux and aux is None:
+            raise ValueError(
+                "with has_aux=True, update needs aux=: the auxiliary value after inner "
+                "step 0 (e.g. the BatchNorm statistics of the forward pass that gave grads), "
+                "or the starting value when grads is None."
+            )
         anchor = _widen(params)
 
         def inner(carry, grads):
-            walker, average, inner_state, key, loss = carry
+            walker, average, inner_state, key, loss, aux = carry
             walker, average, inner_state, key = core.langevin_step(
                 grads, walker, anchor, average, inner_state, key, state.coupling
             )
-            return walker, average, inner_state, key, loss
+            return walker, average, inner_state, key, loss, aux
 
         def body(carry, i):
-            walker, average, inner_state, key, loss = carry
-            out = grad_fn(_cast_like(walker, params), i)
-            if core.calibrate:
-                grads, loss = out
-                loss = jnp.asarray(loss, jnp.float32)
-            else:
-                grads = out
+            walker, average, inner_state, key, loss, aux = carry
+            grads, loss, aux = call_grad_fn(grad_fn, _cast_like(walker, params), i, aux, loss)
             _check_grads(grads, walker, "grad_fn(params, i)")
-            return inner((walker, average, inner_state, key, loss), grads), None
+            return inner((walker, average, inner_state, key, loss, aux), grads), None
 
-        carry = (anchor, anchor, core.inner_optimizer.init(anchor), state.key, state.loss)
+        carry = (anchor, anchor, core.inner_optimizer.init(anchor), state.key, state.loss, aux)
         first = 0
         if updates is not None:
             # Inner step 0 starts at x′ = x: its gradient is the caller's `updates`
             # (as in optax.contrib.sam's opaque mode), so grad_fn runs L − 1 times.
             _check_grads(updates, params, "updates")
-            if core.calibrate and core.inner_steps == 1:
-                if value is None:
-                    raise ValueError(
-                        "calibrate_coupling=True with inner_steps=1 reads the loss of the only "
-                        "inner minibatch: update(grads, state, params, grad_fn=f, value=loss)."
-                    )
-                carry = (*carry[:4], jnp.asarray(value, jnp.float32))
+            if value is not None and (core.calibrate or has_aux):
+                carry = (*carry[:4], jnp.asarray(value, jnp.float32), aux)
+            elif core.calibrate and core.inner_steps == 1:
+                raise ValueError(
+                    "calibrate_coupling=True with inner_steps=1 reads the loss of the only "
+                    "inner minibatch: update(grads, state, params, grad_fn=f, value=loss)."
+                )
             carry = inner(carry, updates)
             first = 1
-        (walker, average, _, key, loss), _ = jax.lax.scan(
+        (walker, average, _, key, loss, aux), _ = jax.lax.scan(
             body, carry, jnp.arange(first, core.inner_steps, dtype=jnp.int32),
             unroll=scan_unroll(unroll, max(1, core.inner_steps - first)),
         )
@@ -541,6 +570,7 @@ def _scan_transform(core: _EntropySGD, unroll="auto") -> optax.GradientTransform
             coupling_scale=scale,
             loss=loss,
             outer_state=outer_state,
+            aux=aux if has_aux else None,
         )
         return updates, new_state
 
@@ -632,6 +662,7 @@ def entropy_sgd(
     clamp_fraction: float = 0.5,
     seed: int = 0,
     unroll: int | bool | str = "auto",
+    has_aux: bool = False,
     outer_optimizer: optax.GradientTransformation | None = None,
     inner_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -701,7 +732,7 @@ def entropy_sgd(
     walker cast to the params' dtype. So with bfloat16 params the Langevin
     noise keeps its standard deviation ε √(2η′).
 
-    Call: ``update(grads, state, params, *, grad_fn, value=None)``.
+    Call: ``update(grads, state, params, *, grad_fn, value=None, aux=None)``.
     ``params`` is the anchor x and ``grads`` the minibatch gradient at x:
     the first inner step starts at x′ = x, so that is its gradient (what any
     Optax loop computes anyway; a transform chained before this one acts on
@@ -715,10 +746,22 @@ def entropy_sgd(
     Langevin step :func:`entropy_sgd_stepwise` takes; the returned updates
     move x by one outer step.
 
-    BatchNorm: this transform is model-agnostic. Running statistics are
-    handled by the training step (``flatjax.training``) in one of two
-    documented modes: 'walker' (the authors' code: statistics keep updating
-    during the inner steps) or 'anchor' (only a forward pass at x).
+    Auxiliary values (``has_aux=True``): ``grad_fn(walker, i, aux)`` returns
+    ``((loss, aux), grads)``, exactly what ``jax.value_and_grad(f,
+    has_aux=True)`` returns for ``f(walker, i, aux) -> (loss, aux)``; ``aux``
+    is threaded through the inner steps, starting from the ``aux=`` of the
+    call (the value after inner step 0, e.g. the BatchNorm statistics of the
+    forward pass that gave ``grads``), and the last one is kept in
+    ``state.aux`` (read it with :func:`entropy_sgd_aux`). ``state.loss`` is
+    then the last inner minibatch's loss. ``state.aux`` is ``None`` until the
+    first update, so a jitted step traces once more on its second call.
+
+    BatchNorm: with ``has_aux=True`` and the statistics as ``aux`` they keep
+    updating at the walker through the inner steps, as in the authors' code
+    (where the model's running statistics follow every forward pass); the
+    anchor then carries the walker's statistics. The alternative ('anchor'
+    statistics: a forward pass at the new x only) needs no aux. Both modes
+    are in ``flatjax.training`` (``esgd.batch_norm``).
 
     Args:
       learning_rate: η of the default outer SGD (float or Optax schedule over
@@ -745,6 +788,7 @@ def entropy_sgd(
       max_coupling: optional absolute bound on γ_t.
       clamp_fraction: in (0, 1], fraction of the stability bound γ may reach.
       seed: seed of the PRNG key kept in the state.
+      has_aux: whether ``grad_fn`` takes and returns an auxiliary value (above).
       unroll: ``unroll`` of the inner ``lax.scan`` (an int, or True for all L
         steps). ``"auto"`` unrolls all L steps on CPU and keeps the rolled
         loop elsewhere: XLA:CPU runs a rolled loop body markedly slower (five
@@ -776,10 +820,16 @@ def entropy_sgd(
       Chaudhari et al., ICLR 2017, arXiv:1611.01838;
       Pittorino et al., ICLR 2021, arXiv:2006.07897.
     """
-    _check_unroll(unroll)
-    hparams = dict(locals())
     outer = _defaults_outer(learning_rate, momentum, nesterov, weight_decay, outer_optimizer)
-    return _scan_transform(_core(outer, hparams), unroll)
+    return scale_by_entropy_sgd(
+        inner_steps, coupling, inner_learning_rate=inner_learning_rate, noise=noise,
+        average_weight=average_weight, inner_weight_decay=inner_weight_decay,
+        inner_momentum=inner_momentum, inner_nesterov=inner_nesterov,
+        inner_coupling=inner_coupling, calibrate_coupling=calibrate_coupling,
+        calibration_step=calibration_step, max_coupling=max_coupling,
+        clamp_fraction=clamp_fraction, seed=seed, inner_optimizer=inner_optimizer,
+        outer_optimizer=outer, outer_scale=outer_scale, has_aux=has_aux, unroll=unroll,
+    )
 
 
 def entropy_sgd_stepwise(
@@ -869,18 +919,46 @@ def scale_by_entropy_sgd(
     clamp_fraction: float = 0.5,
     seed: int = 0,
     inner_optimizer: optax.GradientTransformation | None = None,
+    outer_optimizer: optax.GradientTransformation | None = None,
+    outer_scale: str = "gradient",
+    has_aux: bool = False,
+    unroll: int | bool | str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
-    """The Entropy-SGD primitive: returns G = γ_t (x − μ), the gradient of −F at x.
+    """The Entropy-SGD primitive: the inner Langevin loop, then an outer transform.
+
+    With no ``outer_optimizer`` it returns G = γ_t (x − μ), the gradient of −F
+    at x, and chains with any Optax optimizer like the ``scale_by_*``
+    transforms do: ``optax.chain(scale_by_entropy_sgd(...), optax.sgd(η))`` is
+    :func:`entropy_sgd` with ``outer_scale="gradient"`` (a test checks they
+    agree), except that a chained optimizer is not seen by the stability
+    clamp of the outer step. With ``outer_optimizer`` it wraps it, as
+    ``optax.lookahead`` wraps its fast optimizer: the optimizer receives
+    x − μ (or G, per ``outer_scale``) and, for ``outer_scale="coupling"``
+    (the authors' γ-scaled step, which no chain of stateless transforms can
+    express, since γ_t multiplies the momentum's output), its update is then
+    scaled by γ_t. :func:`entropy_sgd` is this primitive wrapping
+    ``chain(add_decayed_weights(λ), sgd(η, β, nesterov))``.
 
     Same call as :func:`entropy_sgd` (``update(updates, state, params, *,
-    grad_fn)``, ``params`` = anchor x) but without an outer optimizer: chain
-    it with one, e.g. ``optax.chain(scale_by_entropy_sgd(), optax.sgd(1.0))``
-    (this is ``outer_scale="gradient"``; for the authors' γ-scaled outer step
-    pass the optimizer as ``entropy_sgd(None, outer_optimizer=...)``). The
-    arguments are those of :func:`entropy_sgd`.
+    grad_fn, value=None, aux=None)``, ``params`` = anchor x); the arguments are
+    those of :func:`entropy_sgd`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, flatjax
+      >>> opt = optax.chain(flatjax.scale_by_entropy_sgd(3, coupling=1.0), optax.sgd(0.5))
+      >>> params = jnp.ones(2)
+      >>> state = opt.init(params)
+      >>> grad_fn = lambda w, i: 2.0 * w                  # L(w) = ‖w‖²
+      >>> updates, state = opt.update(grad_fn(params, 0), state, params, grad_fn=grad_fn)
+      >>> bool(jnp.all(optax.apply_updates(params, updates) < params))
+      True
     """
-    hparams = dict(locals(), outer_scale="gradient")
-    return _scan_transform(_core(optax.identity(), hparams))
+    _check_unroll(unroll)
+    hparams = dict(locals())
+    outer = optax.identity() if outer_optimizer is None else optax.with_extra_args_support(
+        outer_optimizer
+    )
+    return _scan_transform(_core(outer, hparams), unroll, bool(has_aux))
 
 
 def _find_state(state) -> EntropySGDState:
@@ -922,6 +1000,30 @@ def entropy_sgd_eval_params(state, params):
     """
     esgd = _find_state(state)
     return params if esgd.anchor is None else _cast_like(esgd.anchor, params)
+
+
+def entropy_sgd_aux(state):
+    """The auxiliary value of the last inner step (scan mode with ``has_aux=True``).
+
+    Args:
+      state: the Entropy-SGD state, or an Optax state containing exactly one.
+
+    Returns:
+      What the last ``grad_fn`` call returned as ``aux`` (``None`` before the
+      first update).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flatjax
+      >>> f = lambda w, i, n: (jnp.sum(w ** 2), n + 1)     # aux: a call counter
+      >>> opt = flatjax.entropy_sgd(0.1, inner_steps=3, has_aux=True)
+      >>> w = jnp.ones(2)
+      >>> (loss, n), g = jax.value_and_grad(f, has_aux=True)(w, 0, 0)
+      >>> _, state = opt.update(g, opt.init(w), w, grad_fn=jax.value_and_grad(f, has_aux=True),
+      ...                       value=loss, aux=n)
+      >>> int(flatjax.entropy_sgd_aux(state))            # inner steps 0, 1, 2
+      3
+    """
+    return _find_state(state).aux
 
 
 def entropy_sgd_coupling(state) -> jax.Array:

@@ -635,3 +635,93 @@ def test_calibration_with_one_inner_step_needs_the_loss_value():
     _, state = opt.update(x, opt.init(x), x, grad_fn=lambda w, i: (w, 0.0), value=1.0)
     expected = 1.0 / (0.5 * 2 * (eta_in * (1 + wd_in)) ** 2)
     assert float(state.requested_coupling) == pytest.approx(expected, rel=1e-5)
+
+
+# --- auxiliary values through grad_fn (has_aux) ------------------------------
+
+
+def test_has_aux_threads_the_walker_statistics_like_the_stepwise_driver():
+    # aux accumulates Σ_l ‖x′_l‖² over the points where gradients are taken.
+    # The stepwise driver is handed the walker itself at every call, so the
+    # same sum over its walkers must come out of scan mode's aux.
+    q = quadratic(dim=4, seed=3, centred=False)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=4), jnp.float32)
+    kw = dict(inner_steps=4, coupling=0.7, inner_learning_rate=0.05, noise=0.0,
+              inner_momentum=0.9)
+
+    def f(w, i, acc):
+        return q.loss(w), acc + jnp.sum(w ** 2)
+
+    vg = jax.value_and_grad(f, has_aux=True)
+    opt = flatjax.entropy_sgd(0.3, has_aux=True, **kw)
+    (loss0, acc0), g0 = vg(x, 0, jnp.zeros(()))
+    updates, state = opt.update(g0, opt.init(x), x, grad_fn=vg, value=loss0, aux=acc0)
+
+    walkers = []
+    step = flatjax.entropy_sgd_stepwise(0.3, **kw)
+    w, s = x, step.init(x)
+    for _ in range(4):
+        walkers.append(w)
+        u, s = step.update(q.grad(w), s, w)
+        w = optax.apply_updates(w, u)
+    expected = sum(float(jnp.sum(v ** 2)) for v in walkers)
+    np.testing.assert_allclose(float(flatjax.entropy_sgd_aux(state)), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(state.loss), float(q.loss(walkers[-1])), rtol=1e-5)
+    # and the outer step is the one the stepwise driver lands
+    np.testing.assert_allclose(optax.apply_updates(x, updates), w, rtol=1e-5, atol=1e-6)
+
+
+def test_has_aux_calibrates_from_the_returned_loss():
+    # With has_aux the loss comes out of grad_fn's ((loss, aux), grads): the
+    # calibration γ_0 = loss_{L−1} / (½‖x − x′‖²) reads it without (grads, loss).
+    q = quadratic(dim=3, seed=5, centred=False)
+    x = jnp.ones(3)
+    kw = dict(inner_steps=3, coupling=1.0, inner_learning_rate=0.05, noise=0.0,
+              calibrate_coupling=True, calibration_step=0)
+    f = lambda w, i, a: (q.loss(w), a)
+    plain = flatjax.entropy_sgd(0.1, **kw)
+    _, s_plain = plain.update(q.grad(x), plain.init(x), x,
+                              grad_fn=lambda w, i: (q.grad(w), q.loss(w)), value=q.loss(x))
+    aux = flatjax.entropy_sgd(0.1, has_aux=True, **kw)
+    _, s_aux = aux.update(q.grad(x), aux.init(x), x, grad_fn=jax.value_and_grad(f, has_aux=True),
+                          value=q.loss(x), aux=jnp.zeros(()))
+    assert float(s_plain.coupling_scale) != 1.0
+    np.testing.assert_allclose(float(s_aux.coupling_scale), float(s_plain.coupling_scale),
+                               rtol=1e-6)
+
+
+def test_has_aux_bad_calls_say_what_to_pass():
+    x = jnp.ones(2)
+    opt = flatjax.entropy_sgd(0.1, inner_steps=2, has_aux=True)
+    state = opt.init(x)
+    with pytest.raises(ValueError, match="aux="):
+        opt.update(x, state, x, grad_fn=lambda w, i, a: ((0.0, a), w))
+    with pytest.raises(ValueError, match=r"\(\(loss, aux\), grads\)"):
+        opt.update(x, state, x, grad_fn=lambda w, i, a: w, aux=0.0)
+
+
+def test_chaining_the_primitive_with_sgd_is_the_gradient_scaled_alias():
+    # entropy_sgd(outer_scale="gradient") feeds G = γ(x − μ) to
+    # chain(add_decayed_weights(λ), sgd(η, β, nesterov)); the primitive chained
+    # with the same optax transforms computes the same steps (the clamp does
+    # not bind at this γ).
+    q = quadratic(dim=4, seed=2, centred=False)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=4), jnp.float32)
+    kw = dict(inner_steps=3, coupling=0.2, inner_learning_rate=0.05, noise=1e-3,
+              inner_momentum=0.5, seed=7)
+    alias = flatjax.entropy_sgd(0.4, momentum=0.9, weight_decay=1e-2,
+                                outer_scale="gradient", **kw)
+    chained = optax.chain(
+        flatjax.scale_by_entropy_sgd(**kw),
+        optax.add_decayed_weights(1e-2),
+        optax.sgd(0.4, momentum=0.9, nesterov=True),
+    )
+    grad_fn = lambda w, i: q.grad(w)
+    xa, xc = x, x
+    sa, sc = alias.init(x), chained.init(x)
+    for _ in range(4):
+        ua, sa = alias.update(q.grad(xa), sa, xa, grad_fn=grad_fn)
+        uc, sc = chained.update(q.grad(xc), sc, xc, grad_fn=grad_fn)
+        xa, xc = optax.apply_updates(xa, ua), optax.apply_updates(xc, uc)
+    assert float(flatjax.entropy_sgd_coupling(sa)) == pytest.approx(0.2)
+    np.testing.assert_allclose(xa, xc, rtol=1e-5, atol=1e-7)

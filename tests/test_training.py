@@ -334,6 +334,29 @@ def test_esgd_scan_mode_equals_stepwise_mode_run_l_times(blob_data):
                  eval_params(s_scan), eval_params(s_step))
 
 
+def test_esgd_scan_mode_carries_walker_batch_norm_like_stepwise_mode(blob_data):
+    # 'walker' BatchNorm: the statistics follow the L walker forward passes.
+    # Scan mode threads them through grad_fn's aux; stepwise mode gets them
+    # from its own loop. The anchor and the statistics must agree.
+    data = _source(blob_data)
+    kw = dict(esgd__noise=0.0, esgd__batch_norm="walker")
+    scan_cfg = tiny_config("entropy_sgd", esgd__mode="scan", **kw)
+    step_cfg = tiny_config("entropy_sgd", esgd__mode="stepwise", **kw)
+    s_scan = create_train_state(scan_cfg, TinyBNMLP(), INFO, jax.random.PRNGKey(0))
+    s_step = create_train_state(step_cfg, TinyBNMLP(), INFO, jax.random.PRNGKey(0))
+    s_scan, m_scan = make_train_step(scan_cfg)(s_scan, next(data.train_batches(0, stack=3)))
+    step = make_train_step(step_cfg)
+    losses = []
+    for _, batch in zip(range(3), data.train_batches(0), strict=False):
+        s_step, m = step(s_step, batch)
+        losses.append(float(m["loss"]))
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    jax.tree.map(close, eval_params(s_scan), eval_params(s_step))
+    jax.tree.map(close, s_scan.batch_stats, s_step.batch_stats)
+    # the scan step's loss is the mean over the L minibatches it used
+    np.testing.assert_allclose(float(m_scan["loss"]), np.mean(losses), rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- NaN policy
 
 

@@ -36,7 +36,7 @@ __all__ = [
     "rsgd_weight_decay",
     "eval_params",
     "eval_variables",
-    "uses_stepwise_scan",
+    "esgd_scan_aux",
     "info_field",
 ]
 
@@ -160,19 +160,17 @@ def info_field(info, *names, default=None):
     raise ValueError(f"The dataset info {info!r} has none of the fields {names}.")
 
 
-def uses_stepwise_scan(config: ml_collections.ConfigDict, has_batch_stats: bool) -> bool:
-    """Whether Entropy-SGD's scan mode runs as a ``lax.scan`` of stepwise updates.
+def esgd_scan_aux(batch_stats):
+    """The value Entropy-SGD's scan step threads through its inner steps.
 
-    That is the case for BatchNorm models with ``esgd.batch_norm='walker'``:
-    the statistics must be carried through the L inner steps, which a
-    ``grad_fn(params, i) -> grads`` cannot return.
+    ``(batch statistics, Σ loss, Σ error %, max ‖g‖)`` over the inner
+    minibatches: the walker's BatchNorm statistics ('walker' mode; carried
+    unchanged otherwise) and the training metrics of the L gradient
+    evaluations, so no forward pass is repeated for them. The optimizer
+    state holds it from step 0 (its structure never changes).
     """
-    return (
-        config.algorithm == "entropy_sgd"
-        and config.esgd.mode == "scan"
-        and config.esgd.batch_norm == "walker"
-        and has_batch_stats
-    )
+    zero = jnp.zeros((), jnp.float32)
+    return (batch_stats, zero, zero, zero)
 
 
 def _lr_schedule(config, total):
@@ -206,7 +204,8 @@ def make_optimizer(
     """The Optax transformation ``config`` asks for.
 
     SGD: ``chain(add_decayed_weights(λ), sgd(η, momentum, nesterov))``.
-    Entropy-SGD: :func:`flatjax.entropy_sgd` (scan mode) or
+    Entropy-SGD: :func:`flatjax.entropy_sgd` (scan mode, ``has_aux=True``: the
+    step threads :func:`esgd_scan_aux` through the inner steps) or
     :func:`flatjax.entropy_sgd_stepwise` with γ_t =
     :func:`flatjax.exponential_coupling` over the run's outer steps (γ_0 =
     ``esgd.coupling``, or calibrated at outer step ``esgd.calibration_step``
@@ -219,8 +218,7 @@ def make_optimizer(
     Args:
       config: a validated config.
       plan: the run's :class:`flatjax.training.StepPlan`.
-      has_batch_stats: whether the model has BatchNorm statistics (selects
-        the stepwise scan for Entropy-SGD's 'walker' BatchNorm mode).
+      has_batch_stats: whether the model has BatchNorm statistics.
       rsgd_coupling: γ_0 for Replicated-SGD when ``rsgd.coupling`` is None
         (the balanced value, measured by :func:`create_train_state`).
 
@@ -249,8 +247,9 @@ def make_optimizer(
         coupling = flatjax.exponential_coupling(
             1.0 if calibrate else e.coupling, plan.total_outer_steps, e.coupling_factor
         )
-        stepwise = e.mode == "stepwise" or uses_stepwise_scan(config, has_batch_stats)
-        factory = flatjax.entropy_sgd_stepwise if stepwise else flatjax.entropy_sgd
+        stepwise = e.mode == "stepwise"
+        factory = (flatjax.entropy_sgd_stepwise if stepwise
+                   else functools.partial(flatjax.entropy_sgd, has_aux=True))
         inner_wd = config.weight_decay if e.inner_weight_decay is None else e.inner_weight_decay
         return factory(
             _lr_schedule(config, plan.total_outer_steps),
@@ -382,11 +381,14 @@ def create_train_state(
     tx = make_optimizer(
         config, plan, has_batch_stats=bool(batch_stats), rsgd_coupling=rsgd_coupling
     )
+    opt_state = tx.init(params)
+    if config.algorithm == "entropy_sgd" and config.esgd.mode == "scan":
+        opt_state = opt_state._replace(aux=esgd_scan_aux(batch_stats))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
-        opt_state=tx.init(params),
+        opt_state=opt_state,
         rng=state_rng,
         apply_fn=model.apply,
         tx=tx,

@@ -6,13 +6,14 @@ What ``batch`` holds and what one step costs:
 * SGD: one minibatch ``[B, ...]``; 1 gradient evaluation.
 * Entropy-SGD, ``esgd.mode='scan'``: L stacked minibatches ``[L, B, ...]``;
   one outer step, L gradient evaluations, run as ONE ``update`` call of
-  :func:`flatjax.entropy_sgd` with ``grad_fn(walker, i)`` picking minibatch
-  i. For BatchNorm models with ``esgd.batch_norm='walker'`` (the authors'
-  code: running statistics keep updating at the walker during the inner
-  steps) the outer step is a ``lax.scan`` of L :func:`flatjax.entropy_sgd_stepwise`
-  updates carrying the statistics (the same Langevin step, so the same
-  numbers). ``esgd.batch_norm='anchor'`` updates the statistics only by a
-  forward pass at the new anchor x (on minibatch L−1).
+  :func:`flatjax.entropy_sgd` (``has_aux=True``) with ``grad_fn(walker, i,
+  aux)`` picking minibatch i. The aux carries the training metrics of the L
+  minibatches and, for BatchNorm models with ``esgd.batch_norm='walker'``
+  (the authors' code: running statistics keep updating at the walker during
+  the inner steps), the statistics. ``esgd.batch_norm='anchor'`` updates the
+  statistics only by a forward pass at the new anchor x (on minibatch L−1).
+  Metrics: the mean loss and error of the L minibatches, the largest
+  gradient norm.
 * Entropy-SGD, ``esgd.mode='stepwise'``: one minibatch ``[B, ...]``; one
   Langevin step through an unmodified ``state.apply_gradients``.
 * Replicated-SGD: one minibatch per replica ``[y, B, ...]``; y gradient
@@ -37,8 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from flatjax._entropy_sgd import scan_unroll
-from flatjax.training.state import TrainState, uses_stepwise_scan
+from flatjax.training.state import TrainState, esgd_scan_aux
 
 __all__ = ["make_train_step", "cross_entropy", "error_percent", "check_finite", "NonFiniteError"]
 
@@ -157,54 +157,54 @@ def _esgd_scan_step(config):
     import flatjax
 
     num_inner = int(config.esgd.inner_steps)
-    calibrate = config.esgd.coupling is None
+    walker_mode = config.esgd.batch_norm == "walker"
 
     def step(state, batches):
         state0 = state
         state, key = _split(state)
-        keys = jax.random.split(key, num_inner + 1)
-        has_stats = bool(state.batch_stats)
+        keys = jax.random.split(key, num_inner)
         pick = lambda i: jax.tree.map(lambda a: a[i], batches)
         value_and_grad = jax.value_and_grad(_loss_fn, argnums=1, has_aux=True)
+        carry_stats = bool(state.batch_stats) and walker_mode
 
-        if uses_stepwise_scan(config, has_stats):
-
-            def body(st, xs):
-                batch, k = xs
-                (loss, (error, stats)), grads = value_and_grad(
-                    st.apply_fn, st.params, st.batch_stats, batch, k
-                )
-                st = st.apply_gradients(grads=grads, value=loss).replace(batch_stats=stats)
-                return st, (loss, error, optax.global_norm(grads))
-
-            new, (losses, errors, norms) = jax.lax.scan(
-                body, state, (batches, keys[:-1]), unroll=scan_unroll("auto", num_inner)
+        def gradient(params, stats, i, aux):
+            """One inner gradient; aux (esgd_scan_aux) accumulates stats and metrics."""
+            (loss, (error, new_stats)), grads = value_and_grad(
+                state.apply_fn, params, stats, pick(i), keys[i]
             )
-            new = new.replace(step=state.step + 1)
-            metrics = {"loss": losses.mean(), "error": errors.mean(), "grad_norm": norms.max()}
-        else:
-
-            def grad_fn(walker, i):
-                (loss, _), grads = value_and_grad(
-                    state.apply_fn, walker, state.batch_stats, pick(i), keys[i]
-                )
-                return (grads, loss) if calibrate else grads
-
-            # Inner step 0 starts at the anchor: its gradient is the usual one.
-            (loss0, _), grads0 = value_and_grad(
-                state.apply_fn, state.params, state.batch_stats, pick(0), keys[0]
+            old_stats, loss_sum, error_sum, norm_max = aux
+            aux = (
+                new_stats if carry_stats else old_stats,
+                loss_sum + loss,
+                error_sum + error,
+                jnp.maximum(norm_max, optax.global_norm(grads)),
             )
-            new = state.apply_gradients(grads=grads0, grad_fn=grad_fn, value=loss0)
-            last = pick(num_inner - 1)
-            loss, (error, _) = _loss_fn(
-                state.apply_fn, new.params, state.batch_stats, last, keys[-1]
+            return (loss, aux), grads
+
+        def grad_fn(walker, i, aux):
+            # 'walker' mode: the statistics follow the walker (the authors' code).
+            return gradient(walker, aux[0] if carry_stats else state.batch_stats, i, aux)
+
+        # Inner step 0 starts at the anchor: its gradient is the usual one.
+        zero = esgd_scan_aux(state.batch_stats)
+        (loss0, aux0), grads0 = gradient(state.params, state.batch_stats, 0, zero)
+        new = state.apply_gradients(grads=grads0, grad_fn=grad_fn, value=loss0, aux=aux0)
+        stats, loss_sum, error_sum, norm_max = flatjax.entropy_sgd_aux(new.opt_state)
+        if state.batch_stats and not walker_mode:
+            # 'anchor' mode: one forward pass at the new x, on minibatch L−1.
+            stats = _anchor_stats(
+                state.apply_fn, new.params, state.batch_stats, pick(num_inner - 1), keys[-1]
             )
-            stats = _anchor_stats(state.apply_fn, new.params, state.batch_stats, last, keys[-1])
-            new = new.replace(batch_stats=stats)
-            update = jax.tree.map(jnp.subtract, new.params, state.params)
-            metrics = {"loss": loss, "error": error, "grad_norm": optax.global_norm(update)}
-        metrics["coupling"] = flatjax.entropy_sgd_coupling(new.opt_state)
-        metrics["requested_coupling"] = _esgd_state(new.opt_state).requested_coupling
+        # The state's aux restarts from zero sums (its structure never changes).
+        opt_state = new.opt_state._replace(aux=esgd_scan_aux(stats))
+        new = new.replace(batch_stats=stats, opt_state=opt_state)
+        metrics = {
+            "loss": loss_sum / num_inner,
+            "error": error_sum / num_inner,
+            "grad_norm": norm_max,
+            "coupling": flatjax.entropy_sgd_coupling(new.opt_state),
+            "requested_coupling": _esgd_state(new.opt_state).requested_coupling,
+        }
         return _guard(state0, new, metrics, config.nan_policy)
 
     return step
