@@ -482,10 +482,13 @@ def scan_unroll(unroll, length: int):
 
 
 def _scan_transform(
-    core: _EntropySGD, unroll="auto", has_aux: bool = False
+    core: _EntropySGD, unroll="auto", has_aux: bool = False, aux_init=None
 ) -> optax.GradientTransformationExtraArgs:
     def init_fn(params):
-        return core.init_state(params, stepwise=False)
+        state = core.init_state(params, stepwise=False)
+        if aux_init is None:
+            return state
+        return state._replace(aux=aux_init(params) if callable(aux_init) else aux_init)
 
     def call_grad_fn(grad_fn, walker, i, aux, loss):
         """One inner gradient: (grads, loss, aux) whatever grad_fn's form."""
@@ -663,6 +666,7 @@ def entropy_sgd(
     seed: int = 0,
     unroll: int | bool | str = "auto",
     has_aux: bool = False,
+    aux_init: Any = None,
     outer_optimizer: optax.GradientTransformation | None = None,
     inner_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -753,8 +757,11 @@ def entropy_sgd(
     call (the value after inner step 0, e.g. the BatchNorm statistics of the
     forward pass that gave ``grads``), and the last one is kept in
     ``state.aux`` (read it with :func:`entropy_sgd_aux`). ``state.loss`` is
-    then the last inner minibatch's loss. ``state.aux`` is ``None`` until the
-    first update, so a jitted step traces once more on its second call.
+    then the last inner minibatch's loss. ``state.aux`` starts as
+    ``aux_init`` (a pytree, or a function of the params giving one); give it
+    wherever the state's structure must not change (``nnx.Optimizer``, a
+    ``lax.scan`` over steps, donation). Without it ``state.aux`` is ``None``
+    until the first update.
 
     BatchNorm: with ``has_aux=True`` and the statistics as ``aux`` they keep
     updating at the walker through the inner steps, as in the authors' code
@@ -789,6 +796,9 @@ def entropy_sgd(
       clamp_fraction: in (0, 1], fraction of the stability bound γ may reach.
       seed: seed of the PRNG key kept in the state.
       has_aux: whether ``grad_fn`` takes and returns an auxiliary value (above).
+      aux_init: the initial ``state.aux`` with ``has_aux=True``: a pytree, or
+        a function ``params -> pytree`` (``None``: ``state.aux`` is ``None``
+        until the first update).
       unroll: ``unroll`` of the inner ``lax.scan`` (an int, or True for all L
         steps). ``"auto"`` unrolls all L steps on CPU and keeps the rolled
         loop elsewhere: XLA:CPU runs a rolled loop body markedly slower (five
@@ -828,7 +838,8 @@ def entropy_sgd(
         inner_coupling=inner_coupling, calibrate_coupling=calibrate_coupling,
         calibration_step=calibration_step, max_coupling=max_coupling,
         clamp_fraction=clamp_fraction, seed=seed, inner_optimizer=inner_optimizer,
-        outer_optimizer=outer, outer_scale=outer_scale, has_aux=has_aux, unroll=unroll,
+        outer_optimizer=outer, outer_scale=outer_scale, has_aux=has_aux, aux_init=aux_init,
+        unroll=unroll,
     )
 
 
@@ -922,6 +933,7 @@ def scale_by_entropy_sgd(
     outer_optimizer: optax.GradientTransformation | None = None,
     outer_scale: str = "gradient",
     has_aux: bool = False,
+    aux_init: Any = None,
     unroll: int | bool | str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """The Entropy-SGD primitive: the inner Langevin loop, then an outer transform.
@@ -954,11 +966,13 @@ def scale_by_entropy_sgd(
       True
     """
     _check_unroll(unroll)
+    if aux_init is not None and not has_aux:
+        raise ValueError("aux_init is the initial state.aux of has_aux=True; set has_aux=True.")
     hparams = dict(locals())
     outer = optax.identity() if outer_optimizer is None else optax.with_extra_args_support(
         outer_optimizer
     )
-    return _scan_transform(_core(outer, hparams), unroll, bool(has_aux))
+    return _scan_transform(_core(outer, hparams), unroll, bool(has_aux), aux_init)
 
 
 def _find_state(state) -> EntropySGDState:
