@@ -25,6 +25,8 @@ Conventions:
 from __future__ import annotations
 
 import math
+import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -181,6 +183,13 @@ class _ById:
     def __call__(self, *args):
         return self.fn(*args)
 
+    # Equal for the same function object: wrapping it again hits the jit cache.
+    def __hash__(self) -> int:
+        return id(self.fn)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _ById) and other.fn is self.fn
+
 
 def _static(fn: Callable) -> Callable:
     try:
@@ -188,6 +197,50 @@ def _static(fn: Callable) -> Callable:
     except TypeError:
         return _ById(fn)
     return fn
+
+
+# ---------------------------------------------------------------------------
+# Progress lines.
+
+
+# Seconds between two progress lines.
+_PROGRESS_EVERY = 5.0
+
+
+class _Progress:
+    """Periodic one-line progress: ``progress=True`` prints to stderr, a callable gets the line.
+
+    A line is emitted at most every ``_PROGRESS_EVERY`` seconds, and always for the last step.
+    """
+
+    def __init__(self, progress: Any, name: str, total: int, unit: str = ""):
+        if progress is None or progress is False:
+            self.emit = None
+        elif progress is True:
+            self.emit = lambda line: print(line, file=sys.stderr, flush=True)
+        elif callable(progress):
+            self.emit = progress
+        else:
+            raise TypeError(
+                f"progress must be a bool or a callable taking one line (str), got {progress!r}."
+            )
+        self.name, self.total, self.unit, self.every = name, total, unit, _PROGRESS_EVERY
+        self.seen = 0
+        self.start = self.last = time.perf_counter()
+
+    @property
+    def on(self) -> bool:
+        return self.emit is not None
+
+    def __call__(self, done: int, detail: str = "") -> None:
+        if self.emit is None:
+            return
+        now = time.perf_counter()
+        if done < self.total and now - self.last < self.every:
+            return
+        self.last = now
+        detail = f", {detail}" if detail else ""
+        self.emit(f"{self.name}: {done}/{self.total}{self.unit}{detail} ({now - self.start:.1f} s)")
 
 
 # ---------------------------------------------------------------------------
@@ -201,38 +254,170 @@ def _per_example(metric: str, logits: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarra
     return -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
 
 
-def _stream_mean(apply_fn, variables, x, y, *, metric: str, batch_size: int) -> jnp.ndarray:
-    """Mean of a per-example metric over all of (x, y), in fixed-size batches."""
+class _Batches(NamedTuple):
+    """A dataset cut into ``k`` equal batches, the last padded and masked (a pytree).
+
+    Attributes:
+      x: inputs ``[k, b, ...]``; y: labels ``[k, b]``; mask: ``[k, b]`` bool,
+      False on the at most k − 1 padding examples.
+    """
+
+    x: jnp.ndarray
+    y: jnp.ndarray
+    mask: jnp.ndarray
+
+
+def _batch_layout(n: int, batch_size: int) -> tuple[int, int]:
+    """``(k, b)``: the fewest batches of at most ``batch_size``, of equal size b = ⌈n/k⌉."""
+    k = -(-n // batch_size)
+    return k, -(-n // k)
+
+
+def _stack_batches(x, y, batch_size: int) -> _Batches:
     n = x.shape[0]
-    num_full, rem = divmod(n, batch_size)
-    total = jnp.zeros((), jnp.float32)
-    if num_full:
-        xb = x[: num_full * batch_size].reshape(num_full, batch_size, *x.shape[1:])
-        yb = y[: num_full * batch_size].reshape(num_full, batch_size)
-
-        def body(acc, batch):
-            bx, by = batch
-            return acc + jnp.sum(_per_example(metric, apply_fn(variables, bx), by)), None
-
-        total, _ = jax.lax.scan(body, total, (xb, yb))
-    if rem:
-        bx, by = x[num_full * batch_size :], y[num_full * batch_size :]
-        total = total + jnp.sum(_per_example(metric, apply_fn(variables, bx), by))
-    return total / n
+    k, b = _batch_layout(n, batch_size)
+    pad = k * b - n
+    mask = jnp.arange(k * b) < n
+    if pad:
+        x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+        y = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
+    return _Batches(x.reshape(k, b, *x.shape[1:]), y.reshape(k, b), mask.reshape(k, b))
 
 
-class _DatasetEnergy(NamedTuple):
-    """Hashable ``(params, other_vars, x, y) -> metric``: keeps the jit cache warm."""
+class _BatchTerm(NamedTuple):
+    """Hashable ``(params, other_vars, x, y, mask) -> Σ_batch metric / n``: one batch's share."""
 
     apply_fn: Callable
     metric: str
-    batch_size: int
+    num_examples: int
 
-    def __call__(self, params, other_vars, x, y):
-        variables = {**other_vars, "params": params}
-        return _stream_mean(
-            self.apply_fn, variables, x, y, metric=self.metric, batch_size=self.batch_size
+    def __call__(self, params, other_vars, x, y, mask):
+        logits = self.apply_fn({**other_vars, "params": params}, x)
+        values = jnp.where(mask, _per_example(self.metric, logits, y), 0.0)
+        return jnp.sum(values) / self.num_examples
+
+
+class _DatasetEnergy(NamedTuple):
+    """Hashable ``(params, other_vars, batches) -> metric``: keeps the jit cache warm.
+
+    The mean over the whole dataset, the batches streamed by ``lax.scan`` (a
+    single batch is evaluated directly).
+    """
+
+    apply_fn: Callable
+    metric: str
+    num_examples: int
+
+    @property
+    def term(self) -> _BatchTerm:
+        return _BatchTerm(self.apply_fn, self.metric, self.num_examples)
+
+    def __call__(self, params, other_vars, batches: _Batches):
+        term = self.term
+        if batches.x.shape[0] == 1:
+            return term(params, other_vars, batches.x[0], batches.y[0], batches.mask[0])
+
+        def body(acc, batch):
+            return acc + term(params, other_vars, *batch), None
+
+        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), tuple(batches))
+        return total
+
+
+class _DatasetLoss:
+    """``loss_fn(params)`` of :func:`dataset_loss`; keeps its data apart from its code.
+
+    Calling it streams the dataset (``lax.scan``) and is differentiable and
+    jittable. The Hessian tools instead read ``energy``, ``other_vars`` and
+    ``batches`` and run one cached, jitted per-batch HVP per batch, so the
+    data are arguments of the compiled programs, never constants baked into
+    them.
+    """
+
+    __slots__ = ("energy", "other_vars", "batches", "_batch_list")
+
+    def __init__(self, energy: _DatasetEnergy, other_vars, batches: _Batches):
+        self.energy, self.other_vars, self.batches = energy, other_vars, batches
+        self._batch_list = None
+
+    def __call__(self, params):
+        return self.energy(params, self.other_vars, self.batches)
+
+    def batch_list(self) -> list[tuple]:
+        """``[(x_i, y_i, mask_i)]``, sliced once."""
+        if self._batch_list is None:
+            b = self.batches
+            self._batch_list = [(b.x[i], b.y[i], b.mask[i]) for i in range(b.x.shape[0])]
+        return self._batch_list
+
+    def __repr__(self) -> str:
+        k, b = self.batches.x.shape[:2]
+        return (
+            f"dataset_loss(metric={self.energy.metric!r}, n={self.energy.num_examples}, "
+            f"{k} batch(es) of {b})"
         )
+
+
+def _loss_parts(loss_fn: Callable) -> tuple[Callable, tuple]:
+    """``(fn, args)`` with ``loss_fn(p) == fn(p, *args)``, ``fn`` a static ``jit`` argument.
+
+    A :func:`dataset_loss` is split into its code and its data, so that the
+    data enter compiled programs as arguments.
+    """
+    if isinstance(loss_fn, _DatasetLoss):
+        return loss_fn.energy, (loss_fn.other_vars, loss_fn.batches)
+    return _static(loss_fn), ()
+
+
+def _check_finite_inputs(x) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return
+    bad = np.asarray(~jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1))
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise ValueError(
+            f"data inputs x contain NaN or inf in {int(bad.sum())} of {bad.size} examples "
+            f"(first at index {first}); clean or drop them before measuring."
+        )
+
+
+def _check_labels(apply_fn, variables, x, y) -> None:
+    """Labels must index the logits: 0 ≤ y < C, C read from ``apply_fn`` by ``eval_shape``."""
+    logits = jax.eval_shape(apply_fn, variables, x[:1])
+    if not logits.shape:
+        raise ValueError(f"apply_fn must return logits [batch, classes], got shape {logits.shape}.")
+    num_classes = int(logits.shape[-1])
+    lo, hi = int(jnp.min(y)), int(jnp.max(y))
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(
+            f"data labels y must be class indices in [0, {num_classes}) for the "
+            f"{num_classes} logits of apply_fn, got labels in [{lo}, {hi}]."
+        )
+
+
+def _check_finite_params(params) -> None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) and not bool(
+            jnp.all(jnp.isfinite(leaf))
+        ):
+            raise ValueError(
+                f"variables['params'] contain NaN or inf at {jax.tree_util.keystr(path)}."
+            )
+
+
+def _dataset_parts(apply_fn, variables, data, batch_size, metric):
+    """Validates a model and dataset; returns ``(_DatasetEnergy, other_vars, _Batches)``."""
+    if not callable(apply_fn):
+        raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}.")
+    _check_variables(variables)
+    x, y = _check_data(data)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    _check_choice("metric", metric, _METRICS)
+    _check_finite_inputs(x)
+    _check_labels(apply_fn, variables, x, y)
+    other = {k: v for k, v in variables.items() if k != "params"}
+    energy = _DatasetEnergy(_static(apply_fn), metric, int(x.shape[0]))
+    return energy, other, _stack_batches(x, y, batch_size)
 
 
 def dataset_loss(
@@ -250,23 +435,34 @@ def dataset_loss(
 
     with ℓ the softmax cross-entropy (``metric="loss"``) or the 0/1 error in
     percent (``metric="error"``), the network ``f_w = apply_fn({**variables,
-    "params": w}, ·)`` in eval mode, streamed in batches of ``batch_size``
-    (``lax.scan``) plus a remainder batch. The returned function is
-    differentiable and jittable; feed it to :func:`hvp`,
+    "params": w}, ·)`` in eval mode. The n examples are cut into the fewest
+    k = ⌈n / ``batch_size``⌉ batches of equal size b = ⌈n/k⌉, the last padded
+    with at most k − 1 masked examples that count for nothing, and streamed
+    by ``lax.scan``: every example is counted exactly once. The returned
+    function is differentiable and jittable; feed it to :func:`hvp`,
     :func:`hessian_top_eigenvalue`, :func:`hessian_trace`,
-    :func:`sam_sharpness` or :func:`local_entropy`.
+    :func:`sam_sharpness`, :func:`local_entropy` or :func:`local_energy_fn`.
+    These recognise it and pass the data to their compiled programs as
+    arguments (the Hessian tools compile one HVP of a single batch and
+    accumulate it over the batches), so the programs are compiled once per
+    ``apply_fn`` and shape, whatever the number of iterations or probes.
 
     Args:
-      apply_fn: ``apply_fn(variables, x) -> logits`` in eval mode, e.g.
-        ``lambda v, x: model.apply(v, x, train=False)``.
+      apply_fn: ``apply_fn(variables, x) -> logits [batch, classes]`` in eval
+        mode, e.g. ``lambda v, x: model.apply(v, x, train=False)``.
       variables: the Flax variables; ``variables["params"]`` is replaced by
         the argument of the returned function, other collections are fixed.
-      data: ``(x, y)`` or ``{"image": x, "label": y}``, integer labels ``[n]``.
-      batch_size: examples per forward pass.
+      data: ``(x, y)`` or ``{"image": x, "label": y}``, integer labels ``[n]``
+        in ``[0, classes)``, finite inputs.
+      batch_size: largest number of examples per forward pass.
       metric: ``"loss"`` (mean cross-entropy) or ``"error"`` (percent).
 
     Returns:
       ``loss_fn(params) -> scalar``.
+
+    Raises:
+      ValueError: the inputs contain NaN or inf, or a label is not a class
+        index of ``apply_fn``'s logits.
 
     Example:
       >>> import flatjax
@@ -277,13 +473,7 @@ def dataset_loss(
       >>> float(loss_fn({"w": jnp.zeros((2, 2))}))  # log 2
       0.6931...
     """
-    _check_variables(variables)
-    x, y = _check_data(data)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    _check_choice("metric", metric, _METRICS)
-    other = {k: v for k, v in variables.items() if k != "params"}
-    energy = _DatasetEnergy(apply_fn, metric, batch_size)
-    return lambda params: energy(params, other, x, y)
+    return _DatasetLoss(*_dataset_parts(apply_fn, variables, data, batch_size, metric))
 
 
 # ---------------------------------------------------------------------------
@@ -323,24 +513,68 @@ def _perturb(params, sigma, key, mask, noise):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+# The reporters of the local-energy calls running now (innermost last); the
+# compiled program reaches them through one module-level callback, so that
+# turning progress on does not make a program per reporter.
+_ACTIVE_REPORTS: list[_Progress] = []
+
+
+def _progress_tick(done, *_) -> None:
+    # Unordered callbacks may arrive late: only a count above the last one is shown.
+    if _ACTIVE_REPORTS:
+        report, done = _ACTIVE_REPORTS[-1], int(done)
+        if report.seen < done < report.total:
+            report.seen = done
+            report(done)
+
+
 def _local_energy_core(
-    energy_fn, params, energy_args, sigmas, key, *, num_draws, noise, mask, chunk_size
+    energy_fn,
+    params,
+    energy_args,
+    sigmas,
+    active,
+    key,
+    *,
+    num_draws,
+    noise,
+    mask,
+    chunk_size,
+    progress,
 ):
+    """δE on the grid; only the σ > 0 rows ``active`` are evaluated (σ = 0 is δE = 0)."""
     base = energy_fn(params, *energy_args)
-    num_sigmas = sigmas.shape[0]
+    if progress:
+        jax.debug.callback(_progress_tick, 1, base)
+    total = active.shape[0] * num_draws
 
     def one(index):
-        s, m = index // num_draws, index % num_draws
+        s, m = active[index // num_draws], index % num_draws
         # Draw m uses the same z at every σ (common random numbers): the curve is
         # smooth in σ and differences between σ are not blurred by fresh noise.
         w = _perturb(params, sigmas[s], jax.random.fold_in(key, m), mask, noise)
         return energy_fn(w, *energy_args)
 
-    values = jax.lax.map(one, jnp.arange(num_sigmas * num_draws), batch_size=chunk_size)
-    delta = values.reshape(num_sigmas, num_draws) - base
-    # σ = 0 is the identity perturbation: δE is 0 by definition, not up to the
-    # rounding of a differently batched evaluation.
-    delta = jnp.where(sigmas[:, None] == 0, 0.0, delta)
+    # lax.map(one, arange(total), batch_size=chunk_size), written out so that a
+    # progress tick can follow each chunk: full chunks by lax.scan, then the rest.
+    num_full, rem = divmod(total, chunk_size)
+    parts = []
+    if num_full:
+
+        def body(_, indices):
+            values = jax.vmap(one)(indices)
+            if progress:
+                jax.debug.callback(_progress_tick, 1 + indices[-1] + 1, values)
+            return None, values
+
+        indices = jnp.arange(num_full * chunk_size).reshape(num_full, chunk_size)
+        parts.append(jax.lax.scan(body, None, indices)[1].reshape(-1))
+    if rem:
+        parts.append(jax.vmap(one)(jnp.arange(num_full * chunk_size, total)))
+    delta = jnp.zeros((sigmas.shape[0], num_draws), base.dtype)
+    if parts:
+        values = jnp.concatenate(parts).reshape(active.shape[0], num_draws)
+        delta = delta.at[active].set(values - base)
     mean = jnp.mean(delta, axis=1)
     if num_draws > 1:
         stderr = jnp.std(delta, axis=1, ddof=1) / math.sqrt(num_draws)
@@ -351,8 +585,38 @@ def _local_energy_core(
 
 _local_energy_jit = jax.jit(
     _local_energy_core,
-    static_argnames=("energy_fn", "num_draws", "noise", "mask", "chunk_size"),
+    static_argnames=("energy_fn", "num_draws", "noise", "mask", "chunk_size", "progress"),
 )
+
+
+def _local_energy_run(
+    energy_fn, params, energy_args, sigmas, key, *, num_draws, noise, mask, chunk_size, progress
+):
+    """One compiled call: the base, then the σ > 0 draws in vmapped chunks of ``chunk_size``."""
+    active = np.flatnonzero(sigmas > 0).astype(np.int32)
+    total = active.size * num_draws
+    report = _Progress(progress, "local_energy", 1 + total, " evaluations")
+    _ACTIVE_REPORTS.append(report)
+    try:
+        result = _local_energy_jit(
+            energy_fn,
+            params,
+            energy_args,
+            jnp.asarray(sigmas, jnp.float32),
+            jnp.asarray(active),
+            key,
+            num_draws=num_draws,
+            noise=noise,
+            mask=mask,
+            chunk_size=max(1, min(chunk_size, total)),
+            progress=report.on,
+        )
+        if report.on:
+            jax.block_until_ready(result)
+            report(1 + total)
+    finally:
+        _ACTIVE_REPORTS.remove(report)
+    return result
 
 
 def _num_params(params) -> int:
@@ -396,6 +660,7 @@ def local_energy_fn(
     noise: str = "multiplicative",
     perturb: str | Callable = "all",
     chunk_size: int | None = None,
+    progress: bool | Callable[[str], Any] = False,
 ) -> LocalEnergy:
     r"""Local energy of any scalar energy of the parameters.
 
@@ -406,14 +671,15 @@ def local_energy_fn(
     z ~ N(0, I), estimated with M = ``num_draws`` draws per σ (the same draws
     at every σ). For small σ and additive noise δE ≈ ½σ² tr ∇²E; for
     multiplicative noise δE ≈ ½σ² Σᵢ (∇²E)ᵢᵢ wᵢ². The draws are evaluated by
-    ``jax.vmap`` in chunks of ``chunk_size`` (``lax.map`` over chunks), in one
-    jitted call.
+    ``jax.vmap`` in chunks of ``chunk_size`` (``lax.scan`` over chunks), in
+    one jitted call; σ = 0 is δE = 0 exactly and costs nothing.
 
     Args:
-      energy_fn: ``energy_fn(params) -> scalar``, jittable and vmappable. For
-        repeated calls pass the same function object: the compiled program is
-        cached on it.
-      params: the parameter pytree w.
+      energy_fn: ``energy_fn(params) -> scalar``, jittable and vmappable, e.g.
+        a :func:`dataset_loss` (its data then enter the compiled program as
+        arguments). For repeated calls pass the same function object: the
+        compiled program is cached on it.
+      params: the parameter pytree w (finite).
       sigmas: noise level σ ≥ 0, a scalar or a 1-D grid ``[S]``.
       key: a ``jax.random`` key for the noise.
       num_draws: M ≥ 1, noise draws per σ.
@@ -424,6 +690,8 @@ def local_energy_fn(
         predicate ``(path: tuple[str, ...], leaf) -> bool``.
       chunk_size: draws per vectorised chunk; default from a heuristic on the
         parameter count (``chunk × params ≤ 2²⁸`` floats).
+      progress: ``True`` prints a line every few seconds to stderr
+        (evaluations done), a callable receives the line instead.
 
     Returns:
       :class:`LocalEnergy` ``(sigmas, mean, stderr, base)``.
@@ -447,20 +715,15 @@ def local_energy_fn(
         sigmas, key, num_draws, noise, chunk_size
     )
     mask = _perturb_mask(params, perturb)
-    total = sigmas.size * num_draws
+    _check_finite_params(params)
+    fn, args = _loss_parts(energy_fn)
     if chunk_size is None:
-        chunk_size = _default_chunk_size(_num_params(params), 1, total)
-    return _local_energy_jit(
-        _static(energy_fn),
-        params,
-        (),
-        jnp.asarray(sigmas, jnp.float32),
-        key,
-        num_draws=num_draws,
-        noise=noise,
-        mask=mask,
-        chunk_size=min(chunk_size, total),
-    )
+        per_pass = energy_fn.batches.x.shape[1] if isinstance(energy_fn, _DatasetLoss) else 1
+        chunk_size = _default_chunk_size(_num_params(params), per_pass, sigmas.size * num_draws)
+    return _local_energy_run(
+        fn, params, args, sigmas, key, num_draws=num_draws, noise=noise, mask=mask,
+        chunk_size=chunk_size, progress=progress,
+    )  # fmt: skip
 
 
 def local_energy(
@@ -476,6 +739,7 @@ def local_energy(
     batch_size: int = 1000,
     chunk_size: int | None = None,
     perturb: str | Callable = "all",
+    progress: bool | Callable[[str], Any] = False,
 ) -> LocalEnergy:
     r"""Local energy of a trained network over a whole dataset (Pittorino et al. 2021).
 
@@ -491,34 +755,43 @@ def local_energy(
     σ). ``noise="additive"`` uses w + σz instead. The authors' protocol: σ on a
     grid in [0, 0.1], M = 100, all parameters perturbed, training set.
 
-    Cost: the M·S perturbed networks are evaluated by ``jax.vmap`` over draws
-    in chunks, each chunk streaming the dataset once in batches of
-    ``batch_size`` (``lax.scan``), all inside one jitted call; the program is
-    cached on ``apply_fn``, so reuse the same function object across calls.
+    Cost: one unperturbed pass plus M per σ > 0 (σ = 0 is δE = 0 exactly).
+    The perturbed networks are evaluated by ``jax.vmap`` over draws in
+    chunks, each chunk streaming the dataset once in equal padded batches of
+    at most ``batch_size`` (``lax.scan``), all inside one jitted call; the
+    program is cached on ``apply_fn`` and the shapes, so reuse the same
+    function object across calls.
 
     Args:
-      apply_fn: ``apply_fn(variables, x) -> logits`` in eval mode, e.g.
-        ``lambda v, x: model.apply(v, x, train=False)``.
-      variables: Flax variables with a ``"params"`` collection.
-      data: ``(x, y)`` or ``{"image": x, "label": y}``, integer labels ``[n]``.
+      apply_fn: ``apply_fn(variables, x) -> logits [batch, classes]`` in eval
+        mode, e.g. ``lambda v, x: model.apply(v, x, train=False)``.
+      variables: Flax variables with a ``"params"`` collection (finite).
+      data: ``(x, y)`` or ``{"image": x, "label": y}``, integer labels ``[n]``
+        in ``[0, classes)``, finite inputs.
       sigmas: σ ≥ 0, a scalar or a 1-D grid ``[S]``.
       key: a ``jax.random`` key for the noise.
       num_draws: M ≥ 1, noise draws per σ.
       noise: ``"multiplicative"`` (default) or ``"additive"``.
       metric: ``"error"`` (percent misclassified) or ``"loss"``.
-      batch_size: examples per forward pass.
+      batch_size: largest number of examples per forward pass.
       chunk_size: draws evaluated together by one ``vmap``. Default: the
-        largest chunk with ``chunk × params × batch_size`` (work of a dense
+        largest chunk with ``chunk × params × batch`` (work of a dense
         forward pass) ≤ 2²⁶ on CPU, 2³⁰ on GPU/TPU, and ``chunk × params ≤
         2²⁸``; lower it if memory runs out (e.g. convolutional nets with
         large activations), raise it to fill a large accelerator.
       perturb: ``"all"`` (default), ``"no_bias_bn"`` (skip biases and
         normalisation scale/shift, i.e. leaves named ``bias``/``scale``) or a
         predicate ``(path: tuple[str, ...], leaf) -> bool``.
+      progress: ``True`` prints a line every few seconds to stderr
+        (evaluations done), a callable receives the line instead.
 
     Returns:
       :class:`LocalEnergy` ``(sigmas, mean, stderr, base)``; ``base`` is
       E_train(w) in the chosen metric.
+
+    Raises:
+      ValueError: NaN or inf in the inputs or the params, or a label that is
+        not a class index of the logits (besides malformed arguments).
 
     Example:
       >>> import flatjax
@@ -538,40 +811,85 @@ def local_energy(
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}.")
     _check_variables(variables)
-    x, y = _check_data(data)
     sigmas, num_draws, chunk_size = _validate_local_energy_args(
         sigmas, key, num_draws, noise, chunk_size
     )
-    _check_choice("metric", metric, _METRICS)
-    batch_size = _check_positive_int("batch_size", batch_size)
+    energy, other, batches = _dataset_parts(apply_fn, variables, data, batch_size, metric)
     params = variables["params"]
     mask = _perturb_mask(params, perturb)
-    total = sigmas.size * num_draws
+    _check_finite_params(params)
     if chunk_size is None:
-        chunk_size = _default_chunk_size(_num_params(params), min(batch_size, x.shape[0]), total)
-    other = {k: v for k, v in variables.items() if k != "params"}
-    return _local_energy_jit(
-        _DatasetEnergy(_static(apply_fn), metric, batch_size),
-        params,
-        (other, x, y),
-        jnp.asarray(sigmas, jnp.float32),
-        key,
-        num_draws=num_draws,
-        noise=noise,
-        mask=mask,
-        chunk_size=min(chunk_size, total),
-    )
+        chunk_size = _default_chunk_size(
+            _num_params(params), batches.x.shape[1], sigmas.size * num_draws
+        )
+    return _local_energy_run(
+        energy, params, (other, batches), sigmas, key, num_draws=num_draws, noise=noise,
+        mask=mask, chunk_size=chunk_size, progress=progress,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
 # Hessian-vector products, spectrum, trace, sharpness.
 
 
+def _hvp_acc(term, params, v, acc, *args):
+    """``acc + ∇²T(w) v`` on flat vectors, T = ``term(·, *args)``; ``v`` ``[d]`` or ``[c, d]``."""
+    _, unravel = ravel_pytree(params)
+    grad = jax.grad(lambda p: term(p, *args))
+
+    def one(t):
+        tangent = unravel(t.astype(acc.dtype))
+        return ravel_pytree(jax.jvp(grad, (params,), (tangent,))[1])[0]
+
+    return acc + (jax.vmap(one)(v) if v.ndim == 2 else one(v))
+
+
+_hvp_acc_jit = jax.jit(_hvp_acc, static_argnums=0)
+
+
+class _HessianOperator:
+    """v ↦ ∇²L(w) v on flat vectors, from one compiled HVP reused for every call.
+
+    For a :func:`dataset_loss` the compiled program is the HVP of one batch's
+    share of L, called once per batch and accumulated (XLA:CPU runs HVPs in a
+    ``lax.scan`` up to 2× slower than separate calls); for any other loss it
+    is the HVP of the loss itself. The cache is keyed on the loss's code
+    (``apply_fn``) and the shapes, so repeated calls do not compile again.
+    """
+
+    def __init__(self, loss_fn: Callable, params: Any):
+        if isinstance(loss_fn, _DatasetLoss):
+            self.term = loss_fn.energy.term
+            self.args = [(loss_fn.other_vars, *batch) for batch in loss_fn.batch_list()]
+        else:
+            self.term, self.args = _static(loss_fn), [()]
+        self.params = params
+        self.flat, self.unravel = ravel_pytree(params)
+
+    @property
+    def dim(self) -> int:
+        return int(self.flat.size)
+
+    def __call__(self, v: jnp.ndarray) -> jnp.ndarray:
+        acc = jnp.zeros(v.shape, self.flat.dtype)
+        for args in self.args:
+            acc = _hvp_acc_jit(self.term, self.params, v, acc, *args)
+        return acc
+
+
+def _is_traced(tree) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
+
+
 def hvp(loss_fn: Callable[[Any], jnp.ndarray], params: Any, v: Any) -> Any:
     r"""Hessian-vector product ∇²L(w) v, forward-over-reverse.
 
     Computes ``jvp(grad(L), (w,), (v,))``: one gradient's cost (about 3×),
-    never forming the Hessian.
+    never forming the Hessian. The product is jitted once per loss (cached on
+    the function object, or for a :func:`dataset_loss` on its ``apply_fn``
+    and batch shape, the batches accumulated one compiled call each), so
+    repeated products do not trace or compile again. Inside a trace (e.g.
+    under the caller's ``jit``) it is the plain ``jvp`` expression.
 
     Args:
       loss_fn: ``loss_fn(params) -> scalar`` L.
@@ -596,7 +914,10 @@ def hvp(loss_fn: Callable[[Any], jnp.ndarray], params: Any, v: Any) -> Any:
       Computation 6(1), 1994.
     """
     _check_like_params(v, params)
-    return jax.jvp(jax.grad(loss_fn), (params,), (v,))[1]
+    if _is_traced((params, v)):
+        return jax.jvp(jax.grad(loss_fn), (params,), (v,))[1]
+    op = _HessianOperator(loss_fn, params)
+    return op.unravel(op(ravel_pytree(v)[0].astype(op.flat.dtype)))
 
 
 def _check_like_params(v: Any, params: Any) -> None:
@@ -626,9 +947,9 @@ class HessianEigen(NamedTuple):
     """Result of :func:`hessian_top_eigenvalue`.
 
     Attributes:
-      eigenvalue: the Rayleigh quotient vᵀHv of the final iterate.
-      eigenvector: the unit-norm eigenvector v, a pytree like ``params``.
-      num_iters: int32, power iterations run.
+      eigenvalue: the Rayleigh quotient vᵀHv of the final iterate v.
+      eigenvector: that unit-norm iterate v, a pytree like ``params``.
+      num_iters: int32, power iterations run (= HVPs computed).
     """
 
     eigenvalue: jnp.ndarray
@@ -636,9 +957,23 @@ class HessianEigen(NamedTuple):
     num_iters: jnp.ndarray
 
 
-def _flat_loss(loss_fn, params):
+def _flat_loss(loss_fn, params, loss_args=()):
     flat, unravel = ravel_pytree(params)
-    return (lambda w: loss_fn(unravel(w))), flat, unravel
+    return (lambda w: loss_fn(unravel(w), *loss_args)), flat, unravel
+
+
+@jax.jit
+def _unit_normal(key, like):
+    v = jax.random.normal(key, like.shape, like.dtype)
+    return v / jnp.linalg.norm(v)
+
+
+@jax.jit
+def _power_step(v, hv):
+    lam = jnp.vdot(v, hv)
+    norm = jnp.linalg.norm(hv)
+    # A zero Hessian has every vector as eigenvector: keep v rather than NaN.
+    return jnp.where(norm > 0, hv / jnp.where(norm > 0, norm, 1.0), v), lam
 
 
 def hessian_top_eigenvalue(
@@ -648,24 +983,30 @@ def hessian_top_eigenvalue(
     key: jax.Array,
     num_iters: int = 200,
     tol: float = 1e-6,
+    progress: bool | Callable[[str], Any] = False,
 ) -> HessianEigen:
     r"""Largest-magnitude Hessian eigenvalue by power iteration.
 
     .. math::
-      v_{k+1} = \frac{H v_k}{\|H v_k\|}, \qquad λ_k = v_kᵀ H v_k,
+      λ_k = v_kᵀ H v_k, \qquad v_{k+1} = \frac{H v_k}{\|H v_k\|},
       \qquad H = ∇²L(w),
 
-    from a random Gaussian v₀, stopping when |λ_k − λ_{k−1}| ≤ tol·|λ_k| or
-    after ``num_iters`` HVPs (one ``lax.while_loop``). It converges to the
-    eigenvalue of largest |λ|, which at a minimum is the top (sharpest) one;
-    the rate is the ratio of the two largest |λ|.
+    from a random Gaussian unit v₁, stopping when |λ_k − λ_{k−1}| ≤ tol·|λ_k|
+    or after ``num_iters`` iterations; it returns (λ_k, v_k). Each iteration
+    is one HVP: a single jitted HVP (for a :func:`dataset_loss`, one per
+    batch, accumulated) compiled once and called from a Python loop, so the
+    cost is that of the HVPs plus one small host read of λ_k per iteration.
+    It converges to the eigenvalue of largest |λ|, which at a minimum is the
+    top (sharpest) one; the rate is the ratio of the two largest |λ|.
 
     Args:
       loss_fn: ``loss_fn(params) -> scalar``, e.g. from :func:`dataset_loss`.
       params: the point w.
-      key: a ``jax.random`` key for v₀.
+      key: a ``jax.random`` key for v₁.
       num_iters: maximum number of iterations (≥ 1).
       tol: relative tolerance on successive Rayleigh quotients (> 0).
+      progress: ``True`` prints a line every few seconds to stderr
+        (iteration, λ), a callable receives the line instead.
 
     Returns:
       :class:`HessianEigen` ``(eigenvalue, eigenvector, num_iters)``.
@@ -678,37 +1019,47 @@ def hessian_top_eigenvalue(
       >>> round(float(res.eigenvalue), 4)
       6.0
     """
-    _check_key(key, "the starting vector v₀")
+    _check_key(key, "the starting vector v₁")
     num_iters = _check_positive_int("num_iters", num_iters)
     tol = _check_positive_float("tol", tol)
-    return _top_eig_jit(_static(loss_fn), params, key, num_iters=num_iters, tol=tol)
+    report = _Progress(progress, "hessian_top_eigenvalue", num_iters)
+    if _is_traced((params, key)):
+        return _top_eig_traced(*_loss_parts(loss_fn), params, key, num_iters=num_iters, tol=tol)
+    op = _HessianOperator(loss_fn, params)
+    v = _unit_normal(key, op.flat)
+    lam_prev = math.nan
+    for i in range(1, num_iters + 1):
+        new_v, lam = _power_step(v, op(v))
+        lam_host = float(lam)
+        report(i, f"λ = {lam_host:.6g}")
+        if i >= 2 and abs(lam_host - lam_prev) <= tol * abs(lam_host):
+            break
+        if i < num_iters:
+            v, lam_prev = new_v, lam_host
+    if report.on and i < num_iters:
+        report.emit(f"hessian_top_eigenvalue: converged after {i} iterations, λ = {lam_host:.6g}")
+    return HessianEigen(lam, op.unravel(v), jnp.int32(i))
 
 
-def _top_eig(loss_fn, params, key, *, num_iters, tol):
-    f, flat, unravel = _flat_loss(loss_fn, params)
+def _top_eig_traced(loss_fn, loss_args, params, key, *, num_iters, tol):
+    """The same power iteration inside the caller's trace, as one ``lax.while_loop``."""
+    f, flat, unravel = _flat_loss(loss_fn, params, loss_args)
     hv = lambda v: jax.jvp(jax.grad(f), (flat,), (v,))[1]
-    v0 = jax.random.normal(key, flat.shape, flat.dtype)
-    v0 = v0 / jnp.linalg.norm(v0)
 
     def cond(state):
-        i, _, lam, lam_prev = state
+        i, _, _, lam, lam_prev = state
         return (i < num_iters) & ((i < 2) | (jnp.abs(lam - lam_prev) > tol * jnp.abs(lam)))
 
     def body(state):
-        i, v, lam, _ = state
-        hv_v = hv(v)
-        new_lam = jnp.vdot(v, hv_v)
-        norm = jnp.linalg.norm(hv_v)
-        # A zero Hessian has every vector as eigenvector: keep v rather than NaN.
-        new_v = jnp.where(norm > 0, hv_v / jnp.where(norm > 0, norm, 1.0), v)
-        return i + 1, new_v, new_lam, lam
+        i, v, new_v, lam, _ = state
+        v = jnp.where(i > 0, new_v, v)
+        new_v, new_lam = _power_step(v, hv(v))
+        return i + 1, v, new_v, new_lam, lam
 
-    init = (jnp.int32(0), v0, jnp.zeros((), flat.dtype), jnp.zeros((), flat.dtype))
-    i, v, _, _ = jax.lax.while_loop(cond, body, init)
-    return HessianEigen(jnp.vdot(v, hv(v)), unravel(v), i)
-
-
-_top_eig_jit = jax.jit(_top_eig, static_argnames=("loss_fn", "num_iters", "tol"))
+    v0 = _unit_normal(key, flat)
+    zero = jnp.zeros((), flat.dtype)
+    i, v, _, lam, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), v0, v0, zero, zero))
+    return HessianEigen(lam, unravel(v), i)
 
 
 class HessianTrace(NamedTuple):
@@ -724,6 +1075,16 @@ class HessianTrace(NamedTuple):
     stderr: jnp.ndarray
 
 
+@jax.jit
+def _rademacher(keys, like):
+    return jax.vmap(lambda k: jax.random.rademacher(k, like.shape, like.dtype))(keys)
+
+
+@jax.jit
+def _quad_forms(v, hv):
+    return jnp.sum(v * hv, axis=-1)
+
+
 def hessian_trace(
     loss_fn: Callable[[Any], jnp.ndarray],
     params: Any,
@@ -731,6 +1092,7 @@ def hessian_trace(
     key: jax.Array,
     num_samples: int = 100,
     chunk_size: int | None = None,
+    progress: bool | Callable[[str], Any] = False,
 ) -> HessianTrace:
     r"""Hutchinson estimate of the Hessian trace with Rademacher probes.
 
@@ -739,15 +1101,20 @@ def hessian_trace(
       \qquad v_k ∈ \{−1, +1\}^d \text{ uniform},
 
     unbiased, with per-probe variance 2 Σ_{i≠j} H_ij² (exact for a diagonal
-    H). K = ``num_samples`` probes, HVPs vmapped in chunks.
+    H). K = ``num_samples`` probes, ``chunk_size`` of them vmapped through
+    one jitted HVP (for a :func:`dataset_loss`, one per batch, accumulated),
+    compiled once and called ⌈K / chunk⌉ times.
 
     Args:
       loss_fn: ``loss_fn(params) -> scalar``, e.g. from :func:`dataset_loss`.
       params: the point w.
       key: a ``jax.random`` key for the probes.
       num_samples: K ≥ 1, number of probes.
-      chunk_size: probes per ``vmap`` chunk (default: all at once up to 2²⁸
-        floats of probes).
+      chunk_size: probes per vmapped HVP call. Default: 1 on CPU (XLA:CPU
+        gains nothing from batching the probes of a convolutional network),
+        elsewhere as many as fit 2²⁸ floats of probes.
+      progress: ``True`` prints a line every few seconds to stderr, a
+        callable receives the line instead.
 
     Returns:
       :class:`HessianTrace` ``(mean, stderr)``.
@@ -765,27 +1132,32 @@ def hessian_trace(
     """
     _check_key(key, "the Rademacher probes")
     num_samples = _check_positive_int("num_samples", num_samples)
+    if _is_traced((params, key)):
+        if chunk_size is not None:
+            _check_positive_int("chunk_size", chunk_size)
+        return _trace_traced(*_loss_parts(loss_fn), params, key, num_samples=num_samples)
+    op = _HessianOperator(loss_fn, params)
     if chunk_size is not None:
         chunk_size = _check_positive_int("chunk_size", chunk_size)
+    elif jax.default_backend() == "cpu":
+        chunk_size = 1
     else:
-        chunk_size = _default_chunk_size(_num_params(params), 1, num_samples)
-    return _trace_jit(
-        _static(loss_fn),
-        params,
-        key,
-        num_samples=num_samples,
-        chunk_size=min(chunk_size, num_samples),
-    )
-
-
-def _trace(loss_fn, params, key, *, num_samples, chunk_size):
-    f, flat, _ = _flat_loss(loss_fn, params)
-
-    def quad(k):
-        v = jax.random.rademacher(k, flat.shape, flat.dtype)
-        return jnp.vdot(v, jax.jvp(jax.grad(f), (flat,), (v,))[1])
-
-    values = jax.lax.map(quad, jax.random.split(key, num_samples), batch_size=chunk_size)
+        chunk_size = _default_chunk_size(op.dim, 1, num_samples)
+    chunk = min(chunk_size, num_samples)
+    num_chunks = -(-num_samples // chunk)
+    # A fixed chunk shape (the last chunk's extra probes are dropped): one program.
+    keys = jax.random.split(key, num_chunks * chunk)
+    report = _Progress(progress, "hessian_trace", num_samples)
+    values = []
+    for c in range(num_chunks):
+        v = _rademacher(keys[c * chunk : (c + 1) * chunk], op.flat)
+        if chunk == 1:
+            v = v[0]
+        values.append(_quad_forms(v, op(v)).reshape(-1))
+        if report.on:
+            values[-1].block_until_ready()
+            report(min((c + 1) * chunk, num_samples))
+    values = jnp.concatenate(values)[:num_samples]
     mean = jnp.mean(values)
     if num_samples > 1:
         stderr = jnp.std(values, ddof=1) / math.sqrt(num_samples)
@@ -794,7 +1166,19 @@ def _trace(loss_fn, params, key, *, num_samples, chunk_size):
     return HessianTrace(mean, stderr)
 
 
-_trace_jit = jax.jit(_trace, static_argnames=("loss_fn", "num_samples", "chunk_size"))
+def _trace_traced(loss_fn, loss_args, params, key, *, num_samples):
+    """The same estimate inside the caller's trace, probes by ``lax.map``."""
+    f, flat, _ = _flat_loss(loss_fn, params, loss_args)
+    keys = jax.random.split(key, num_samples)
+    values = jax.lax.map(
+        lambda v: jnp.vdot(v, jax.jvp(jax.grad(f), (flat,), (v,))[1]), _rademacher(keys, flat)
+    )
+    mean = jnp.mean(values)
+    if num_samples > 1:
+        stderr = jnp.std(values, ddof=1) / math.sqrt(num_samples)
+    else:
+        stderr = jnp.full_like(mean, jnp.nan)
+    return HessianTrace(mean, stderr)
 
 
 def sam_sharpness(
@@ -839,11 +1223,12 @@ def sam_sharpness(
     """
     rho = _check_positive_float("rho", rho)
     num_steps = _check_positive_int("num_steps", num_steps)
-    return _sam_jit(_static(loss_fn), params, rho, num_steps=num_steps)
+    fn, args = _loss_parts(loss_fn)
+    return _sam_jit(fn, params, args, rho, num_steps=num_steps)
 
 
-def _sam(loss_fn, params, rho, *, num_steps):
-    f, flat, _ = _flat_loss(loss_fn, params)
+def _sam(loss_fn, params, loss_args, rho, *, num_steps):
+    f, flat, _ = _flat_loss(loss_fn, params, loss_args)
     base = f(flat)
 
     def unit(g):
@@ -1037,15 +1422,17 @@ def local_entropy(
     flat, _ = ravel_pytree(params)
     dim = flat.size
     if gamma_max is None:
-        grad_sq = float(jnp.sum(ravel_pytree(jax.grad(loss_fn)(params))[0] ** 2))
+        grad_sq = float(_grad_sq_jit(*_loss_parts(loss_fn), params))
         gamma_max = max(100.0 * coupling, 100.0 * grad_sq, 10.0 * math.sqrt(dim) * curvature)
     gamma_max = _check_positive_float("gamma_max", gamma_max)
     if gamma_max <= coupling:
         raise ValueError(f"gamma_max must exceed coupling={coupling}, got {gamma_max}.")
     couplings = np.geomspace(coupling, gamma_max, num_rungs)
+    fn, loss_args = _loss_parts(loss_fn)
     return _local_entropy_jit(
-        _static(loss_fn),
+        fn,
         params,
+        loss_args,
         jnp.asarray(couplings, jnp.float32),
         key_run,
         jnp.float32(curvature),
@@ -1058,9 +1445,17 @@ def local_entropy(
     )
 
 
+def _grad_sq(loss_fn, loss_args, params):
+    return jnp.sum(ravel_pytree(jax.grad(loss_fn)(params, *loss_args))[0] ** 2)
+
+
+_grad_sq_jit = jax.jit(_grad_sq, static_argnums=0)
+
+
 def _local_entropy(
     loss_fn,
     params,
+    loss_args,
     couplings,
     key,
     curvature,
@@ -1072,7 +1467,7 @@ def _local_entropy(
     sampler,
     num_anchor_samples,
 ):
-    f, center, _ = _flat_loss(loss_fn, params)
+    f, center, _ = _flat_loss(loss_fn, params, loss_args)
     dim = center.size
     mala = sampler == "mala"
     target_accept = 0.574

@@ -414,3 +414,146 @@ def test_sam_bad_inputs(rho, num_steps, match):
     loss, params = _quad()
     with pytest.raises(ValueError, match=match):
         flatjax.sam_sharpness(loss, params, rho, num_steps=num_steps)
+
+
+# --- dataset_loss through the Hessian tools -------------------------------------
+
+
+def test_hessian_tools_on_dataset_loss_match_the_full_batch_loss():
+    """Per-batch HVPs accumulated over padded, masked batches = the full-batch HVP."""
+    apply_fn, variables, x, y, loss_fn = _mlp(n=50)
+    params = variables["params"]
+    full = lambda p: loss_fn(p, x, y)
+    streamed = flatjax.dataset_loss(apply_fn, variables, (x, y), batch_size=16)  # 4 batches of 13
+    flat, unravel = ravel_pytree(params)
+    v = unravel(jax.random.normal(KEY, flat.shape))
+    want = ravel_pytree(flatjax.hvp(full, params, v))[0]
+    np.testing.assert_allclose(
+        ravel_pytree(flatjax.hvp(streamed, params, v))[0], want, rtol=1e-4, atol=1e-5
+    )
+    # Inside the caller's jit the same products are traced in place.
+    jitted = jax.jit(lambda p, u: flatjax.hvp(streamed, p, u))(params, v)
+    np.testing.assert_allclose(ravel_pytree(jitted)[0], want, rtol=1e-4, atol=1e-5)
+
+    kw = dict(key=KEY, num_iters=40, tol=1e-6)
+    eig_full = flatjax.hessian_top_eigenvalue(full, params, **kw)
+    eig = flatjax.hessian_top_eigenvalue(streamed, params, **kw)
+    assert float(eig.eigenvalue) == pytest.approx(float(eig_full.eigenvalue), rel=1e-4)
+    eig_jit = jax.jit(lambda p: flatjax.hessian_top_eigenvalue(streamed, p, **kw))(params)
+    assert abs(int(eig_jit.num_iters) - int(eig.num_iters)) <= 3  # rounding may stop it earlier
+    assert float(eig_jit.eigenvalue) == pytest.approx(float(eig.eigenvalue), rel=1e-4)
+    few = flatjax.hessian_top_eigenvalue(streamed, params, key=KEY, num_iters=3)
+    assert int(few.num_iters) == 3
+    v3 = np.asarray(ravel_pytree(few.eigenvector)[0])
+    hv3 = np.asarray(ravel_pytree(flatjax.hvp(full, params, few.eigenvector))[0])
+    # λ is the Rayleigh quotient of the returned vector.
+    assert float(few.eigenvalue) == pytest.approx(float(v3 @ hv3), rel=1e-4)
+
+    tr_full = flatjax.hessian_trace(full, params, key=KEY, num_samples=6)
+    tr = flatjax.hessian_trace(streamed, params, key=KEY, num_samples=6)
+    assert float(tr.mean) == pytest.approx(float(tr_full.mean), rel=1e-4)
+    assert float(tr.stderr) == pytest.approx(float(tr_full.stderr), rel=1e-3)
+    tr_jit = jax.jit(lambda p: flatjax.hessian_trace(streamed, p, key=KEY, num_samples=6))(params)
+    assert float(tr_jit.mean) == pytest.approx(float(tr.mean), rel=1e-4)
+
+
+# --- compile once ----------------------------------------------------------------
+
+
+def _traces_of_every_tool(scale: int, batch_size: int) -> int:
+    """How often a fresh ``apply_fn`` is traced by one round of every flatness tool."""
+    x, y = blobs(n=30, dim=4, num_classes=3, seed=1)
+    rng = np.random.default_rng(0)
+    variables = {
+        "params": {
+            "kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=3), jnp.float32),
+        }
+    }
+    traces = [0]
+
+    def apply_fn(v, inputs):
+        traces[0] += 1  # Python runs only while JAX traces
+        return jnp.tanh(inputs @ v["params"]["kernel"] + v["params"]["bias"])
+
+    data = (jnp.asarray(x), jnp.asarray(y))
+    params = variables["params"]
+    loss = flatjax.dataset_loss(apply_fn, variables, data, batch_size=batch_size)
+    flatjax.hessian_top_eigenvalue(loss, params, key=KEY, num_iters=20 * scale, tol=1e-30)
+    flatjax.hessian_trace(loss, params, key=KEY, num_samples=4 * scale)
+    v = jax.tree.map(jnp.ones_like, params)
+    flatjax.hvp(loss, params, v)
+    flatjax.hvp(loss, params, v)
+    for seed in range(2):  # same grid shape, other values: no new program
+        sigmas = np.linspace(0.0, 0.1 + 0.05 * seed, 3 * scale)
+        flatjax.local_energy(
+            apply_fn, variables, data, sigmas, key=jax.random.PRNGKey(seed),
+            num_draws=4 * scale, batch_size=batch_size, chunk_size=5,  # both leave a rest
+        )  # fmt: skip
+    return traces[0]
+
+
+def test_every_tool_compiles_once_whatever_the_iterations_probes_sigmas_and_batches():
+    small = _traces_of_every_tool(scale=1, batch_size=16)  # 2 batches
+    large = _traces_of_every_tool(scale=3, batch_size=4)  # 8 batches, 3× everything
+    assert small == large
+    # The label check (1), the per-batch HVP (1), local energy's base, chunk and rest (3).
+    assert large <= 5
+
+
+# --- input checks and progress ---------------------------------------------------
+
+
+def test_nan_inputs_labels_out_of_range_and_nan_params_raise():
+    apply_fn, variables, x, y = _linear()
+    bad_x = x.at[3, 1].set(jnp.nan).at[7, 0].set(jnp.inf)
+    with pytest.raises(ValueError, match=r"inputs x contain NaN or inf in 2 of 40 .*index 3"):
+        flatjax.dataset_loss(apply_fn, variables, (bad_x, y))
+    with pytest.raises(ValueError, match=r"inputs x contain NaN"):
+        flatjax.local_energy(apply_fn, variables, (bad_x, y), 0.1, key=KEY)
+    with pytest.raises(ValueError, match=r"labels y must be class indices in \[0, 3\).*\[0, 3\]"):
+        flatjax.dataset_loss(apply_fn, variables, (x, y.at[0].set(3)))
+    with pytest.raises(ValueError, match=r"labels y .*got labels in \[-1, 2\]"):
+        flatjax.local_energy(apply_fn, variables, (x, y.at[5].set(-1)), 0.1, key=KEY)
+    nan_params = {"params": {**variables["params"], "bias": jnp.array([0.0, jnp.nan, 0.0])}}
+    with pytest.raises(ValueError, match=r"params'\] contain NaN or inf at \['bias'\]"):
+        flatjax.local_energy(apply_fn, nan_params, (x, y), 0.1, key=KEY)
+    with pytest.raises(ValueError, match=r"contain NaN or inf"):
+        flatjax.local_energy_fn(jnp.sum, jnp.array([1.0, jnp.nan]), 0.1, key=KEY)
+
+
+def test_progress_lines_go_to_the_callable(monkeypatch):
+    from flatjax import _flatness
+
+    monkeypatch.setattr(_flatness, "_PROGRESS_EVERY", 0.0)  # a line at every step
+    apply_fn, variables, x, y = _linear()
+    loss = flatjax.dataset_loss(apply_fn, variables, (x, y), batch_size=16)
+    params = variables["params"]
+    lines = []
+    flatjax.hessian_top_eigenvalue(
+        loss, params, key=KEY, num_iters=5, tol=1e-30, progress=lines.append
+    )
+    assert [line.split(",")[0] for line in lines] == [
+        f"hessian_top_eigenvalue: {i}/5" for i in range(1, 6)
+    ]
+    assert lines[-1].startswith("hessian_top_eigenvalue: 5/5, λ = ")
+    lines.clear()
+    flatjax.hessian_trace(loss, params, key=KEY, num_samples=3, progress=lines.append)
+    assert [line.split(" (")[0] for line in lines] == [f"hessian_trace: {i}/3" for i in (1, 2, 3)]
+    lines.clear()
+    le = flatjax.local_energy(
+        apply_fn, variables, (x, y), [0.0, 0.1], key=KEY, num_draws=4, chunk_size=3,
+        progress=lines.append,
+    )  # fmt: skip
+    quiet = flatjax.local_energy(apply_fn, variables, (x, y), [0.0, 0.1], key=KEY, num_draws=4,
+                                 chunk_size=3)  # fmt: skip
+    np.testing.assert_array_equal(le.mean, quiet.mean)
+    # Ticks from inside the compiled program (after the base, 1, and after the chunk of
+    # 3 draws, 4, in either order: only rising counts are shown), then the end.
+    counts = [line.split(" (")[0] for line in lines]
+    assert counts[-1] == "local_energy: 5/5 evaluations"
+    assert counts[:-1] in (["local_energy: 1/5 evaluations", "local_energy: 4/5 evaluations"],
+                           ["local_energy: 4/5 evaluations"])  # fmt: skip
+    assert all(line.count("\n") == 0 for line in lines)
+    with pytest.raises(TypeError, match="progress"):
+        flatjax.hessian_trace(loss, params, key=KEY, progress="yes")
