@@ -169,7 +169,7 @@ def test_missing_official_dataset_raises_before_any_download(tmp_path, monkeypat
     with pytest.raises(fd.DatasetNotPreparedError) as err:
         next(fd.train_batches("cifar10", batch_size=8, seed=0, data_dir=tmp_path))
     msg = str(err.value)
-    assert "tfds build cifar10" in msg and "flatjax[prepare]" in msg
+    assert "tfds build cifar10" in msg and "[prepare]" in msg and "pip install -e" in msg
     assert "array_record" in msg and str(tmp_path) in msg
     with pytest.raises(fd.DatasetNotPreparedError, match="svhn_cropped"):
         fd.load_arrays("svhn", "test", data_dir=tmp_path)

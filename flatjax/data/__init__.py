@@ -11,7 +11,7 @@ Catalogue (``flatjax.data.CATALOGUE``):
   ``fashion_mnist``, ``svhn_cropped`` (alias ``svhn``). tfds needs TensorFlow
   only to PREPARE them, once, on a machine with internet access::
 
-      pip install 'flatjax[prepare]'
+      pip install -e '<flatjax checkout>[prepare]'   # or: pip install tensorflow-cpu
       tfds build cifar10 --file_format=array_record --data_dir DIR
 
   then copy ``DIR/cifar10`` next to the training job. flatjax never

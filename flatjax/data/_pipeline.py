@@ -160,7 +160,7 @@ def _not_prepared_message(name: str, spec: _Spec, data_dir: str, reason: str) ->
         f"{data_dir!r} ({reason}). flatjax never downloads. Prepare it once, as "
         f"array_record, on a machine with internet access (TensorFlow is needed only "
         f"for this step):\n"
-        f"  pip install 'flatjax[prepare]'\n"
+        f"  pip install -e '<flatjax checkout>[prepare]'   (or: pip install tensorflow-cpu)\n"
         f"  tfds build {spec.tfds_name} --file_format=array_record --data_dir {data_dir}\n"
         f"then copy {os.path.join(data_dir, spec.tfds_name)} to this machine, or pass "
         f"data_dir=... (or set $FLATJAX_DATA_DIR) to the directory that holds it."
