@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flatjax-installed
 
-.PHONY: demo test lint bench results clean
+.PHONY: demo test lint docs bench results clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q -n 2 --durations=15
 
+# The API reference from the docstrings, offline; any warning fails the build.
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html -d build/docs/.doctrees docs/api build/docs
+	@echo "API reference: build/docs/index.html"
+
 bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.run
 
@@ -30,4 +35,4 @@ results: $(STAMP)
 	$(PY) -m experiments.study
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs build
