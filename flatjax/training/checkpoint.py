@@ -19,6 +19,17 @@ Guarantees:
   previous one is tried; when none can be read, :class:`CorruptCheckpointError`
   stops the run. A run never silently restarts from scratch over existing
   checkpoints.
+* Integrity. Orbax checks no checksum of the array data (only zarr3 shard
+  indices carry a crc32c), so after orbax has committed a checkpoint the
+  sha256 of every file in its step directory is written to
+  ``<step>/flatjax.sha256`` (the format of ``sha256sum``, so
+  ``sha256sum -c flatjax.sha256`` verifies it by hand) and checked before
+  every restore; a mismatch counts as corruption. A checkpoint without the
+  manifest (written before it existed, or killed between orbax's commit and
+  the manifest) is restored unchecked.
+* Loop state. ``save(state, loop_state=...)`` stores a small JSON record
+  (the running train-metric sums of the loop) in ``<step>/loop_state.json``,
+  covered by the manifest; :meth:`Checkpointer.loop_state` reads it back.
 * Interrupted writes. Orbax writes a checkpoint into a temporary directory
   and renames it when complete (``commit_success.txt``); a process killed
   mid-save leaves only the temporary directory, which is ignored, and the
@@ -27,6 +38,8 @@ Guarantees:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 
@@ -40,6 +53,8 @@ __all__ = [
     "CheckpointMismatchError",
     "CorruptCheckpointError",
     "checkpoint_tree",
+    "write_manifest",
+    "verify_manifest",
 ]
 
 
@@ -60,6 +75,71 @@ def checkpoint_tree(state: TrainState) -> dict:
         "opt_state": state.opt_state,
         "rng": state.rng,
     }
+
+
+MANIFEST = "flatjax.sha256"
+LOOP_STATE = "loop_state.json"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _step_files(step_dir: str) -> list[str]:
+    """Paths of every file under ``step_dir`` relative to it, sorted, the manifest excluded."""
+    out = []
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), step_dir)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(step_dir: str) -> None:
+    """Writes ``flatjax.sha256``: the sha256 of every file in ``step_dir`` (sha256sum format)."""
+    lines = [f"{_sha256(os.path.join(step_dir, rel))}  {rel}\n" for rel in _step_files(step_dir)]
+    _write_atomic(os.path.join(step_dir, MANIFEST), "".join(lines))
+
+
+def verify_manifest(step_dir: str) -> bool:
+    """Checks ``step_dir`` against its manifest; False when there is no manifest.
+
+    Raises:
+      CorruptCheckpointError: a file is missing, added or differs from its sha256.
+    """
+    path = os.path.join(step_dir, MANIFEST)
+    if not os.path.exists(path):
+        return False
+    expected = {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            digest, sep, rel = line.rstrip("\n").partition("  ")
+            if not sep or len(digest) != 64:
+                raise CorruptCheckpointError(f"{path} is not a sha256 manifest")
+            expected[rel] = digest
+    present = set(_step_files(step_dir))
+    for rel in sorted(set(expected) | present):
+        if rel not in present:
+            raise CorruptCheckpointError(f"{rel} listed in the manifest is missing")
+        if rel not in expected:
+            raise CorruptCheckpointError(f"{rel} is not in the manifest")
+        if _sha256(os.path.join(step_dir, rel)) != expected[rel]:
+            raise CorruptCheckpointError(f"{rel} does not match its sha256 in the manifest")
+    return True
 
 
 def _key_name(key) -> str:
@@ -129,6 +209,7 @@ class Checkpointer:
             raise ValueError(f"keep must be an integer >= 1, got {keep!r}.")
         self.directory = os.path.abspath(os.fspath(directory))
         self._keep = keep
+        self.restored_step = None
         self._cleanup_tmp = bool(cleanup_tmp)
         self._manager = self._open()
 
@@ -147,13 +228,35 @@ class Checkpointer:
         """Steps of the complete checkpoints on disk, ascending."""
         return sorted(self._manager.all_steps())
 
-    def save(self, state: TrainState) -> None:
-        """Writes a checkpoint at ``state.step`` (synchronously; no-op if it exists)."""
+    def step_dir(self, step: int) -> str:
+        """The directory of checkpoint ``step``."""
+        return os.path.join(self.directory, str(step))
+
+    def save(self, state: TrainState, loop_state: dict | None = None) -> None:
+        """Writes a checkpoint at ``state.step`` (synchronously; no-op if it exists).
+
+        Args:
+          state: the state to save.
+          loop_state: a JSON-serialisable record saved with it (see :meth:`loop_state`).
+        """
         step = int(state.step)
         if step in self._manager.all_steps():
             return
         self._manager.save(step, args=ocp.args.StandardSave(checkpoint_tree(state)), force=True)
         self._manager.wait_until_finished()
+        step_dir = self.step_dir(step)
+        if os.path.isdir(step_dir):
+            if loop_state is not None:
+                _write_atomic(os.path.join(step_dir, LOOP_STATE), json.dumps(loop_state))
+            write_manifest(step_dir)
+
+    def loop_state(self, step: int) -> dict | None:
+        """The ``loop_state`` saved with checkpoint ``step``; None if it has none."""
+        path = os.path.join(self.step_dir(step), LOOP_STATE)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
 
     def restore(self, state: TrainState, step: int) -> TrainState:
         """Restores checkpoint ``step`` into the structure of ``state``.
@@ -169,8 +272,10 @@ class Checkpointer:
         Raises:
           CheckpointMismatchError: the checkpoint's arrays differ from the
             target's (names, shapes or dtypes), listing the differences.
+          CorruptCheckpointError: a file differs from its sha256 in the manifest.
           Exception: whatever orbax raises for unreadable files.
         """
+        verify_manifest(self.step_dir(step))
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpoint_tree(state))
         metadata = self._manager.item_metadata(step)
         if metadata is None:
@@ -190,41 +295,48 @@ class Checkpointer:
     def restore_latest(self, state: TrainState) -> TrainState | None:
         """Restores the latest readable checkpoint; None when there is none at all.
 
-        A checkpoint that cannot be read is renamed ``corrupt-<step>`` with a
-        warning and the previous one is tried.
+        A checkpoint that cannot be read or fails its checksum is renamed
+        ``corrupt-<step>`` with a one-line warning and the previous one is
+        tried. ``self.restored_step`` is the step restored (None if none).
 
         Raises:
           CheckpointMismatchError: see :meth:`restore`.
           CorruptCheckpointError: checkpoints exist but none can be read.
         """
+        self.restored_step = None
         steps = self.all_steps()
         for step in reversed(steps):
             try:
-                return self.restore(state, step)
+                restored = self.restore(state, step)
+                self.loop_state(step)  # part of the checkpoint: must be readable too
             except CheckpointMismatchError:
                 raise
             except Exception as error:  # orbax/tensorstore raise many types for bad files
                 self._set_aside(step, error)
+                continue
+            self.restored_step = step
+            return restored
         if steps:
             raise CorruptCheckpointError(
                 f"None of the checkpoints {steps} in {self.directory} can be read (moved to "
-                "corrupt-<step>). Refusing to restart from scratch over them: remove the "
-                "workdir to start over."
+                "corrupt-<step>). Refusing to restart from scratch over them: rerun with "
+                "--restart (restart=True) to move the earlier run aside and start over."
             )
         return None
 
     def _set_aside(self, step: int, error: Exception) -> None:
         path = os.path.join(self.directory, str(step))
         aside = os.path.join(self.directory, f"corrupt-{step}")
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        if os.path.exists(aside):
+            aside += f"-{os.getpid()}"
         warnings.warn(
-            f"Checkpoint {path} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
+            f"Checkpoint {path} cannot be read ({reason}); "
             f"moved it to {aside} and trying the previous checkpoint.",
             RuntimeWarning,
             stacklevel=3,
         )
         self._manager.close()
-        if os.path.exists(aside):
-            aside += f"-{os.getpid()}"
         os.rename(path, aside)
         self._manager = self._open()
 

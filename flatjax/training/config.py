@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import warnings
 from typing import NamedTuple
 
 import ml_collections
@@ -129,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_epochs = 1.0
     c.keep_checkpoints = 3
     c.nan_policy = "stop"
+    # Under nan_policy='skip', the run fails once more than this fraction of
+    # its steps has been skipped (checked at every evaluation and at the end).
+    c.max_skipped_fraction = 0.1
     c.progress = True
     # Metrics are fetched from the device every this many steps (one host sync).
     c.log_every_steps = 50
@@ -204,6 +209,81 @@ def _check_coupling_max(esgd: ml_collections.ConfigDict) -> None:
         )
 
 
+def _check_data_dir(config: ml_collections.ConfigDict) -> None:
+    """A data_dir other than the default must exist (flatjax would otherwise create it)."""
+    data_dir = config.get("data_dir")
+    if data_dir is None:
+        return
+    from flatjax.data import default_data_dir  # lazy: flatjax.data imports tfds and grain
+
+    path = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+    if path != default_data_dir(None) and not os.path.isdir(path):
+        raise ValueError(
+            f"config.data_dir = {data_dir!r} does not exist. Point it at the folder that "
+            "holds the prepared datasets, or set it to None for the default."
+        )
+
+
+def _inner_coupling_bound(esgd: ml_collections.ConfigDict) -> float:
+    """b′: the largest η′(γ + λ′) at which Entropy-SGD's inner Nesterov step is stable."""
+    from flatjax._stability import stable_coupling_step
+
+    return float(stable_coupling_step(float(esgd.inner_momentum), True))
+
+
+def _check_esgd_inner_step(config: ml_collections.ConfigDict) -> None:
+    """η′ · γ_max must stay below the inner step's bound b′ (when γ_max is known)."""
+    esgd = config.esgd
+    peaks = []
+    if esgd.coupling is not None:
+        peaks.append(float(esgd.coupling) * float(esgd.coupling_factor))
+    if esgd.coupling_max is not None:
+        peaks.append(float(esgd.coupling_max))
+    if not peaks:
+        return  # γ_0 is calibrated at run time; the run's stability clamp bounds γ
+    gamma_max = min(peaks)
+    eta = float(esgd.inner_learning_rate)
+    decay = esgd.inner_weight_decay if esgd.inner_weight_decay is not None else config.weight_decay
+    bound = _inner_coupling_bound(esgd)
+    if eta * (gamma_max + float(decay)) >= bound:
+        raise ValueError(
+            f"config.esgd: the inner Langevin step is unstable at the largest coupling: "
+            f"η′ · (γ_max + λ′) = {eta:g} · ({gamma_max:g} + {float(decay):g}) = "
+            f"{eta * (gamma_max + float(decay)):.4g}, but the inner SGD step (Nesterov "
+            f"β′ = {float(esgd.inner_momentum):g}) is stable only below {bound:.4g}. Lower "
+            "esgd.inner_learning_rate, esgd.coupling or esgd.coupling_factor, or set "
+            f"esgd.coupling_max below {bound / eta - float(decay):.4g}."
+        )
+
+
+# One coupling update may multiply γ by at most this before flatjax warns.
+MAX_COUPLING_JUMP = 10.0
+
+
+def _check_rsgd_jump(config: ml_collections.ConfigDict) -> None:
+    """Warns when rsgd.coupling_per='epoch' makes γ jump by a large factor at once."""
+    rsgd = config.rsgd
+    if config.algorithm != "replicated_sgd" or rsgd.coupling_per != "epoch":
+        return
+    epochs = float(config.num_epochs)
+    if config.budget == "gradients":
+        epochs /= int(rsgd.num_replicas)
+    updates = max(1, math.floor(epochs))
+    if rsgd.coupling_schedule == "exponential":
+        jump = float(rsgd.coupling_factor) ** (1.0 / updates)
+    else:  # linear and cosine: the first update is the largest relative jump
+        jump = 1.0 + (float(rsgd.coupling_factor) - 1.0) / updates
+    if jump > MAX_COUPLING_JUMP:
+        warnings.warn(
+            f"config.rsgd.coupling_per = 'epoch' with coupling_factor = "
+            f"{rsgd.coupling_factor:g} over {epochs:g} epochs multiplies γ by {jump:.3g} in "
+            "one step; the stability clamp of the explicit coupling step caps it, but the "
+            "replicas are yanked together. Use rsgd.coupling_per = 'step' for a smooth ramp.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks the values the training library reads; raises ``ValueError`` on the first bad one.
 
@@ -247,6 +327,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _positive(config, "checkpoint_every_epochs")
     _positive(config, "keep_checkpoints", integer=True)
     _choice(config, "nan_policy", ("stop", "skip"))
+    skipped = config.get("max_skipped_fraction", 0.1)
+    if isinstance(skipped, bool) or not isinstance(skipped, numbers.Real) or not 0 <= skipped <= 1:
+        _fail("max_skipped_fraction", skipped, "a number in [0, 1]")
     _positive(config, "log_every_steps", integer=True)
     _positive(config, "eval_batch_size", integer=True)
 
@@ -279,6 +362,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(config, "rsgd.coupling_per", ("epoch", "step"))
     _choice(config, "rsgd.strategy", ("auto", "vmap", "unroll"))
     _choice(config, "rsgd.center_batch_stats", ("average", "recompute"))
+    _check_esgd_inner_step(config)
+    _check_rsgd_jump(config)
+    _check_data_dir(config)
 
 
 class StepPlan(NamedTuple):
@@ -362,6 +448,13 @@ def plan_steps(config: ml_collections.ConfigDict, data_steps_per_epoch: int) -> 
 
     def steps(epochs):
         return max(1, int(round(epochs * per_epoch)))
+
+    if int(round(config.num_epochs * per_epoch)) < 1:
+        raise ValueError(
+            f"config.num_epochs = {config.num_epochs!r} is shorter than one training step "
+            f"(one step is {1 / per_epoch:.4g} epochs here); expected num_epochs >= "
+            f"{0.5 / per_epoch:.4g}."
+        )
 
     return StepPlan(
         total_steps=steps(config.num_epochs),

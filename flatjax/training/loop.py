@@ -6,6 +6,13 @@ the latest good checkpoint, run the jitted step, fetch metrics every
 ``config.log_every_steps`` steps (one host sync), evaluate and checkpoint at
 epoch boundaries, and write ``final.json`` and ``curves.png`` at the end.
 
+Reliability: one run per workdir at a time (:class:`WorkdirLock`); history
+is never overwritten (a workdir whose metrics or checkpoints cannot be used
+is refused until ``restart=True``, which moves them to ``old-<time>/``); the
+running train averages are checkpointed, so a resumed run's
+``metrics.jsonl`` equals an uninterrupted one's; ``nan_policy='skip'`` warns
+and fails past ``max_skipped_fraction``.
+
 Data come from a :class:`DataSource`: :func:`dataset_source` wraps
 ``flatjax.data`` (the catalogue of offline datasets); :func:`array_source`
 wraps arrays in memory with the same resumable batching rule.
@@ -13,11 +20,16 @@ wraps arrays in memory with the same resumable batching rule.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import itertools
 import json
+import math
 import numbers
 import os
+import socket
 import tempfile
 import time
 import warnings
@@ -31,9 +43,9 @@ import numpy as np
 from flatjax.training.checkpoint import Checkpointer
 from flatjax.training.config import plan_steps, validate_config
 from flatjax.training.evaluate import evaluate, evaluate_replicas
-from flatjax.training.metrics import MetricsWriter, plot_curves
+from flatjax.training.metrics import MetricsWriter, plot_curves, read_metrics
 from flatjax.training.state import create_train_state, eval_variables, info_field
-from flatjax.training.steps import check_finite, make_train_step
+from flatjax.training.steps import NonFiniteError, check_finite, make_train_step
 
 __all__ = [
     "DataSource",
@@ -41,8 +53,19 @@ __all__ = [
     "dataset_source",
     "train_and_evaluate",
     "ConfigMismatchError",
+    "RunHistoryError",
+    "WorkdirBusyError",
+    "WorkdirLock",
+    "TrainingInterrupted",
+    "move_run_aside",
     "STRUCTURAL_FIELDS",
 ]
+
+# What a run writes into its workdir; restart=True moves these aside.
+RUN_FILES = (
+    "config.json", "metrics.jsonl", "final.json", "curves.png", "flatness.json",
+    "checkpoints", "tensorboard",
+)
 
 # Fields that change the shapes or the meaning of the saved state: a resumed
 # run must agree on them with the run that wrote the checkpoints.
@@ -63,6 +86,137 @@ STRUCTURAL_FIELDS = (
 
 class ConfigMismatchError(ValueError):
     """The workdir holds a run with a different structural configuration."""
+
+
+class RunHistoryError(RuntimeError):
+    """The workdir holds an earlier run that this run cannot resume; refusing to overwrite it."""
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another live process holds the workdir's lock."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message names the step and the last checkpoint."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_owner(path: str) -> dict:
+    try:
+        with open(path) as f:
+            owner = json.loads(f.read() or "{}")
+        return owner if isinstance(owner, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+class WorkdirLock:
+    """An advisory lock on ``<workdir>/.lock``: one training run per workdir.
+
+    ``fcntl.flock`` holds the lock for as long as the process lives (the
+    kernel drops it when the process dies); the file records the owner's pid
+    and hostname. A lock file whose recorded owner is gone (left by a process
+    that died) is taken over with a warning. On filesystems without
+    ``flock`` the recorded pid decides: a live pid on this host holds the
+    lock, a dead one is stale.
+
+    Example:
+      >>> import tempfile
+      >>> from flatjax.training.loop import WorkdirLock, WorkdirBusyError
+      >>> workdir = tempfile.mkdtemp()
+      >>> with WorkdirLock(workdir):
+      ...     pass
+    """
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.path = os.path.join(os.fspath(workdir), ".lock")
+        self._fd = None
+
+    def acquire(self) -> None:
+        """Takes the lock, or raises :class:`WorkdirBusyError` naming the owner."""
+        host = socket.gethostname()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flocked = True
+        except OSError as error:
+            if error.errno in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                owner = _read_owner(self.path)
+                raise WorkdirBusyError(self._busy(owner)) from None
+            flocked = False  # no flock on this filesystem: the recorded pid decides
+        owner = _read_owner(self.path)
+        pid, owner_host = owner.get("pid"), owner.get("host")
+        if isinstance(pid, int) and pid != os.getpid():
+            if not flocked and owner_host == host and _pid_alive(pid):
+                os.close(fd)
+                raise WorkdirBusyError(self._busy(owner))
+            warnings.warn(
+                f"{self.path}: took over the stale lock of pid {pid} on {owner_host} "
+                "(that run ended without releasing it).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        record = json.dumps({"pid": os.getpid(), "host": host, "since": time.time()})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode(), 0)
+        self._fd = fd
+
+    def _busy(self, owner: dict) -> str:
+        who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+        return (
+            f"{os.path.dirname(self.path)} is in use by another run ({who}; lock file "
+            f"{self.path}). Wait for it to finish, stop it, or use another workdir."
+        )
+
+    def release(self) -> None:
+        """Clears the owner record and drops the lock."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def move_run_aside(workdir: str | os.PathLike) -> str | None:
+    """Moves a run's files (metrics, checkpoints, config, ...) to ``workdir/old-<time>/``.
+
+    Nothing is deleted. Returns the new folder, or None when there was
+    nothing to move.
+    """
+    workdir = os.fspath(workdir)
+    present = [n for n in RUN_FILES if os.path.lexists(os.path.join(workdir, n))]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = os.path.join(workdir, f"old-{stamp}")
+    n = 1
+    while os.path.exists(aside):
+        n += 1
+        aside = os.path.join(workdir, f"old-{stamp}-{n}")
+    os.makedirs(aside)
+    for name in present:
+        os.rename(os.path.join(workdir, name), os.path.join(aside, name))
+    return aside
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,12 +390,25 @@ def _lookup(config_dict: dict, dotted: str):
     return value
 
 
-def _check_saved_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def _restart_hint() -> str:
+    return "rerun with --restart (restart=True) to move the earlier run aside and start over"
+
+
+def _check_saved_config(workdir: str, config: ml_collections.ConfigDict) -> dict:
+    """Compares ``config`` with the workdir's ``config.json``; returns it as JSON (unwritten)."""
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json())
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:
+            raise RunHistoryError(
+                f"{path} is not a readable config ({' '.join(str(error).split())}; empty or "
+                f"truncated?). Restore it, or {_restart_hint()}."
+            ) from None
         differ = [
             f"{k}: saved {_lookup(saved, k)!r}, now {_lookup(current, k)!r}"
             for k in STRUCTURAL_FIELDS
@@ -263,8 +430,48 @@ def _check_saved_config(workdir: str, config: ml_collections.ConfigDict) -> None
                 UserWarning,
                 stacklevel=3,
             )
-    with open(path, "w") as f:
-        json.dump(current, f, indent=2, sort_keys=True)
+    return current
+
+
+def _write_json(path: str, record: dict, **kw) -> None:
+    """Writes ``record`` through a temporary file, so a crash leaves the old file whole."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, **kw)
+    os.replace(tmp, path)
+
+
+def _check_history(workdir: str, checkpoint_dir: str, checkpoint_every: int) -> None:
+    """Refuses to start from scratch over an earlier run that got past a checkpoint."""
+    found = []
+    if os.path.isdir(checkpoint_dir):
+        aside = sorted(n for n in os.listdir(checkpoint_dir) if n.startswith("corrupt-"))
+        if aside:
+            found.append(f"unreadable checkpoints {', '.join(aside)}")
+    rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    last = max((int(r.get("step", 0)) for r in rows), default=0)
+    if last >= checkpoint_every:
+        found.append(f"metrics.jsonl up to step {last}")
+    if os.path.exists(os.path.join(workdir, "final.json")):
+        found.append("final.json")
+    if found:
+        raise RunHistoryError(
+            f"{workdir} holds an earlier run ({'; '.join(found)}) but no checkpoint to resume "
+            f"from. Refusing to restart from scratch over it: {_restart_hint()}, or use a "
+            "fresh workdir."
+        )
+
+
+def _close_all(*closers) -> None:
+    """Calls every closer; re-raises the first error once all have run."""
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as error:  # noqa: BLE001 - re-raised below
+            first = first or error
+    if first is not None:
+        raise first
 
 
 def _evaluate(state, config, data: DataSource) -> dict:
@@ -319,13 +526,24 @@ def train_and_evaluate(
     *,
     model=None,
     data: DataSource | None = None,
+    restart: bool = False,
 ) -> dict:
     """Trains per ``config``, evaluating and checkpointing in ``workdir``; resumes if possible.
 
     Files in ``workdir``: ``config.json`` (checked on resume: structural
     fields must match), ``checkpoints/<step>/`` (orbax, the last
     ``keep_checkpoints``), ``metrics.jsonl``, ``tensorboard/``,
-    ``final.json`` (the last row plus run facts) and ``curves.png``.
+    ``final.json`` (the last row plus run facts) and ``curves.png``;
+    ``.lock`` while it runs (:class:`WorkdirLock`).
+
+    Resuming: the latest checkpoint that passes its checksum is restored
+    with the loop's running train sums, so ``metrics.jsonl`` ends up as an
+    uninterrupted run's would (apart from ``wall_time``). A workdir whose
+    history cannot be used (checkpoints that cannot be read, metrics past
+    any checkpoint, a damaged ``config.json`` or ``metrics.jsonl``) is
+    refused until ``restart=True``, which moves the earlier run to
+    ``old-<time>/`` (nothing is deleted). ``config.json`` is written only
+    once every check has passed.
 
     Args:
       config: a config from :func:`flatjax.training.base_config`.
@@ -333,6 +551,7 @@ def train_and_evaluate(
       model: a flax module to use instead of ``flatjax.models.get_model(
         config.model, num_classes, **config.model_kwargs)``.
       data: a :class:`DataSource` to use instead of :func:`dataset_source`.
+      restart: move an earlier run in ``workdir`` aside and start from scratch.
 
     Returns:
       The final metrics: the last evaluation row (``epoch``, ``step``,
@@ -345,7 +564,13 @@ def train_and_evaluate(
       ConfigMismatchError: the workdir holds a run of another configuration.
       flatjax.training.CheckpointMismatchError: its checkpoints do not fit the model/optimizer.
       flatjax.training.CorruptCheckpointError: checkpoints exist but none can be read.
-      flatjax.training.NonFiniteError: divergence under ``nan_policy='stop'``.
+      flatjax.training.NonFiniteError: divergence under ``nan_policy='stop'``;
+        under ``'skip'``, more than ``max_skipped_fraction`` of the steps
+        skipped or a non-finite final loss.
+      RunHistoryError: an earlier run in ``workdir`` cannot be resumed.
+      WorkdirBusyError: another live run holds ``workdir``.
+      TrainingInterrupted: Ctrl-C (a KeyboardInterrupt naming the step and
+        the last checkpoint).
 
     Example:
       >>> import tempfile, numpy as np
@@ -363,13 +588,56 @@ def train_and_evaluate(
     """
     validate_config(config)
     workdir = _check_workdir(workdir)
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if restart:
+            aside = move_run_aside(workdir)
+            if aside is not None:
+                warnings.warn(f"restart: moved the earlier run to {aside}.", UserWarning,
+                              stacklevel=2)
+        return _train(config, workdir, model, data)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _guard_finite(metrics: dict, step: int, restored_step: int | None, window: int,
+                  checkpoint_dir: str) -> None:
+    """check_finite, saying when the divergence comes right after a restore."""
+    try:
+        check_finite(metrics, step)
+    except NonFiniteError as error:
+        if restored_step is None or step > restored_step + window:
+            raise
+        path = os.path.join(checkpoint_dir, str(restored_step))
+        raise NonFiniteError(
+            f"{error} This is {step - restored_step} step(s) after resuming from the "
+            f"checkpoint at step {restored_step}: the restored checkpoint may be bad. Move "
+            f"{path} aside to resume from the previous one, or rerun with --restart."
+        ) from None
+
+
+def _skip_failure(skipped: int, done: int, limit: float) -> str | None:
+    """The failure message when more than ``limit`` of ``done`` steps were skipped."""
+    if done and skipped / done > limit:
+        return (
+            f"nan_policy='skip' skipped {skipped} of {done} steps ({100 * skipped / done:.1f}%, "
+            f"more than max_skipped_fraction = {limit:g}): the run is not training. Lower the "
+            "learning rate or bound the coupling, or raise config.max_skipped_fraction."
+        )
+    return None
+
+
+def _train(config, workdir: str, model, data) -> dict:
     data = data if data is not None else dataset_source(config)
     if model is None:
         from flatjax import models
 
         num_classes = int(info_field(data.info, "num_classes"))
         model = models.get_model(config.model, num_classes, **dict(config.model_kwargs))
-    _check_saved_config(workdir, config)
+    current_config = _check_saved_config(workdir, config)
 
     plan = plan_steps(config, int(data.data_steps_per_epoch))
     shape = _batch_shape(config)
@@ -383,19 +651,26 @@ def train_and_evaluate(
         config, model, data.info, jax.random.PRNGKey(config.seed), plan=plan,
         balance_batches=balance,
     )
-    checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, cleanup_tmp=True
-    )
-    restored = checkpointer.restore_latest(state)
-    if restored is not None:
-        state = restored
-    start = int(state.step)
-    wall_offset = 0.0
-    writer = MetricsWriter(
-        workdir, total_steps=plan.total_steps, resume_step=start, progress=config.progress
-    )
-    if writer.rows:
-        wall_offset = float(writer.rows[-1].get("wall_time", 0.0))
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    checkpointer = Checkpointer(checkpoint_dir, keep=config.keep_checkpoints, cleanup_tmp=True)
+    try:
+        restored = checkpointer.restore_latest(state)
+        if restored is None:
+            _check_history(workdir, checkpoint_dir, plan.checkpoint_every)
+            loop_state = None
+        else:
+            state = restored
+            loop_state = checkpointer.loop_state(checkpointer.restored_step)
+        start = int(state.step)
+        writer = MetricsWriter(
+            workdir, total_steps=plan.total_steps, resume_step=start, progress=config.progress
+        )
+    except BaseException:
+        checkpointer.close()
+        raise
+    # Every check has passed: only now does the workdir's config.json change.
+    _write_json(os.path.join(workdir, "config.json"), current_config, indent=2, sort_keys=True)
+    wall_offset = float(writer.rows[-1].get("wall_time", 0.0)) if writer.rows else 0.0
 
     train_step = make_train_step(config)
     place = lambda batch: batch
@@ -415,11 +690,21 @@ def train_and_evaluate(
             shapes = {k: v.shape for k, v in batch.items()}
             return flatjax.host_batch_to_global(local, mesh, layout, shapes)
 
+    # The running train sums since the last evaluation row are part of the
+    # checkpoint, so a resume between evaluations continues them exactly.
+    loop_state = loop_state or {}
+    sums = {"loss": 0.0, "error": 0.0, **loop_state.get("sums", {})}
+    count = int(loop_state.get("count", 0))
+    skipped = int(loop_state.get("skipped", 0))
+    limit = float(config.get("max_skipped_fraction", 0.1))
     batches = iter(data.train_batches(start, **shape))
     started = time.time()
-    pending, sums, count, skipped = [], {"loss": 0.0, "error": 0.0}, 0, 0
+    pending = []
     last_row: dict = writer.rows[-1] if writer.rows else {}
-    clamp_warned = False
+    clamp_warned = skip_warned = False
+    restored_step = checkpointer.restored_step
+    done = start
+    failing = True
     try:
         for step in range(start, plan.total_steps):
             state, metrics = train_step(state, place(next(batches)))
@@ -433,7 +718,8 @@ def train_and_evaluate(
             for i, m in enumerate(fetched):
                 step_i = done - len(fetched) + i + 1
                 if config.nan_policy == "stop":
-                    check_finite(m, step_i)
+                    _guard_finite(m, step_i, restored_step, config.log_every_steps,
+                                  checkpoint_dir)
                 if not bool(m["finite"]):
                     skipped += 1
                     continue
@@ -441,6 +727,15 @@ def train_and_evaluate(
                 sums["error"] += float(m["error"])
                 count += 1
             pending = []
+            if skipped and not skip_warned:
+                skip_warned = True
+                warnings.warn(
+                    f"step {done}: nan_policy='skip' has skipped {skipped} step(s) with a "
+                    "non-finite loss or gradient (logged as skipped_steps); the run fails if "
+                    f"more than max_skipped_fraction = {limit:g} of its steps are skipped.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             latest = fetched[-1]
             requested = float(latest.get("requested_coupling", latest["coupling"]))
             if requested > float(latest["coupling"]) * (1 + 1e-6) and not clamp_warned:
@@ -477,10 +772,26 @@ def train_and_evaluate(
                 last_row = row
                 sums, count = {"loss": 0.0, "error": 0.0}, 0
             if at_ckpt:
-                checkpointer.save(state)
+                checkpointer.save(
+                    state, loop_state={"sums": sums, "count": count, "skipped": skipped}
+                )
+            if at_eval and config.nan_policy == "skip":
+                message = _skip_failure(skipped, done, limit)
+                if message:
+                    raise NonFiniteError(message)
+        failing = False
+    except KeyboardInterrupt:
+        steps = checkpointer.all_steps()
+        last = f"the last checkpoint is step {steps[-1]}" if steps else "there is no checkpoint yet"
+        raise TrainingInterrupted(
+            f"interrupted at step {done}; {last}; rerun the same command to resume"
+        ) from None
     finally:
-        writer.close()
-        checkpointer.close()
+        if failing:  # the run's own error matters more than one from closing
+            with contextlib.suppress(Exception):
+                _close_all(writer.close, checkpointer.close)
+        else:
+            _close_all(writer.close, checkpointer.close)
 
     final = dict(last_row)
     final.update(
@@ -488,11 +799,18 @@ def train_and_evaluate(
         total_steps=plan.total_steps, grads_per_step=plan.grads_per_step,
         data_steps_per_epoch=plan.data_steps_per_epoch,
     )
-    with open(os.path.join(workdir, "final.json"), "w") as f:
-        json.dump(final, f, indent=2)
+    _write_json(os.path.join(workdir, "final.json"), final, indent=2)
     if writer.rows:
         plot_curves(
             writer.rows, os.path.join(workdir, "curves.png"),
             title=f"{config.algorithm} · {config.model} · {config.dataset}",
+        )
+    losses = {k: v for k, v in last_row.items() if k.endswith("_loss") and k.count("_") == 1}
+    bad = [f"{k} = {v}" for k, v in losses.items() if not math.isfinite(float(v))]
+    if bad:
+        raise NonFiniteError(
+            f"The run finished with a non-finite loss ({', '.join(bad)}; "
+            f"{skipped} of {plan.total_steps} steps skipped); the final network is not usable. "
+            "Lower the learning rate or bound the coupling."
         )
     return final

@@ -19,15 +19,28 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-__all__ = ["MetricsWriter", "read_metrics", "plot_curves"]
+__all__ = ["MetricsWriter", "MetricsFileError", "read_metrics", "plot_curves"]
+
+
+class MetricsFileError(ValueError):
+    """A ``metrics.jsonl`` line other than the last is not a JSON object."""
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The rows of a ``metrics.jsonl`` file (``[]`` if it does not exist).
+
+    A last line that is not valid JSON (a write cut short by a crash or a
+    full disk) is dropped with a one-line warning; the rows before it are
+    complete.
+
+    Raises:
+      MetricsFileError: a line before the last is not a JSON object (naming
+        the file and the line).
 
     Example:
       >>> from flatjax.training import read_metrics
@@ -36,8 +49,29 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     """
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, errors="replace") as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for k, (number, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:
+            if k == len(lines) - 1:
+                warnings.warn(
+                    f"{path}: dropped its partial last line {number} (a write cut short); "
+                    "the rows before it are complete.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                break
+            raise MetricsFileError(
+                f"{path}: line {number} is not a JSON object ({error}); the file is damaged. "
+                "Restore it, or rerun with --restart to move the earlier run aside."
+            ) from None
+        rows.append(row)
+    return rows
 
 
 def _scalars(row: dict):
@@ -56,8 +90,10 @@ class MetricsWriter:
     """Appends metric rows to JSON lines and TensorBoard; drives a tqdm bar.
 
     On resume (``resume_step > 0``) rows written after ``resume_step`` (by
-    the interrupted run, past its last checkpoint) are dropped, so the file
-    reads as one uninterrupted run.
+    the interrupted run, past its last checkpoint) are dropped, and a partial
+    last line is repaired, so the file reads as one uninterrupted run. The
+    rewrite goes through a temporary file, so a crash mid-rewrite loses
+    nothing.
 
     Args:
       workdir: the run's directory.
@@ -87,8 +123,10 @@ class MetricsWriter:
     ):
         self.path = os.path.join(workdir, "metrics.jsonl")
         rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-        with open(self.path, "w") as f:
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, self.path)
         self.rows = rows
         self._tb = None
         if tensorboard:
