@@ -76,8 +76,7 @@ def _read_config(workdir: Path, overrides: Sequence[str]):
     path = workdir / CONFIG_FILE
     if not path.is_file():
         raise _no_run(workdir, f"no {CONFIG_FILE}")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(_read_json(path))
     config.lock()
     apply_overrides(config, overrides)
     return config
@@ -286,8 +285,17 @@ class Run(NamedTuple):
 def _read_json(path: Path):
     if not path.is_file():
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as error:
+        raise ValueError(
+            f"{path} is not readable JSON ({' '.join(str(error).split())}; empty or truncated?); "
+            "restore it, or train the run again with `flatjax train --restart`"
+        ) from None
+    return record
 
 
 def load_run(run_dir: str | os.PathLike, name: str | None = None) -> Run:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import errno
 import importlib
 import importlib.util
 import json
@@ -102,7 +103,15 @@ def load_config(spec: str):
     path = Path(path_text)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path_text!r}")
-    module = _import_config_module(path)
+    if path.suffix != ".py":
+        raise ValueError(
+            f"{path_text!r} is not a config file: expected a Python file defining "
+            "get_config(), e.g. experiments/configs/mnist5k.py:esgd"
+        )
+    try:
+        module = _import_config_module(path)
+    except (SyntaxError, ImportError) as error:
+        raise ValueError(f"config file {path_text!r} cannot be imported: {error}") from error
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
         raise ValueError(f"config file {path_text!r} defines no get_config() function")
@@ -306,7 +315,7 @@ def _cmd_train(args) -> int:
     training.validate_config(config)
     _check_names(config)
     workdir = _writable_workdir(args.workdir)
-    final = training.train_and_evaluate(config, str(workdir))
+    final = training.train_and_evaluate(config, str(workdir), restart=args.restart)
     _print_json(final)
     return 0
 
@@ -468,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", required=True, metavar="PATH[:ARG]", help="config file")
     p.add_argument("--workdir", required=True, help="output directory (created)")
+    p.add_argument(
+        "--restart", action="store_true",
+        help="move an earlier run in the workdir to workdir/old-<time>/ and start over",
+    )
     p.set_defaults(func=_cmd_train)
 
     split_help = "dataset split: train, validation or test"
@@ -530,8 +543,25 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         CLIError, ValueError, TypeError, KeyError, OSError, ImportError,
     )  # fmt: skip
     from flatjax.training import CorruptCheckpointError, NonFiniteError
+    from flatjax.training.loop import RunHistoryError, WorkdirBusyError
 
-    return errors + (CorruptCheckpointError, NonFiniteError)
+    return errors + (CorruptCheckpointError, NonFiniteError, RunHistoryError, WorkdirBusyError)
+
+
+EXIT_INTERRUPTED = 130
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is a full disk (ENOSPC)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(
+            error
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -541,14 +571,28 @@ def main(argv: Sequence[str] | None = None) -> int:
       argv: the arguments after the program name (default ``sys.argv[1:]``).
 
     Returns:
-      0 on success, 2 on an error, whose message is one line on stderr.
+      0 on success, 2 on an error, whose message is one line on stderr, 130 on Ctrl-C.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except _user_errors() as error:
+    except KeyboardInterrupt as error:
         if args.debug:
+            raise
+        print(f"flatjax {args.command}: {_one_line(error) if str(error) else 'interrupted'}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if args.debug:
+            raise
+        if _disk_full(error):
+            where = getattr(error, "filename", None)
+            print(f"flatjax {args.command}: error: no space left on device"
+                  f"{f' writing {where}' if where else ''}; free some space and rerun the "
+                  "same command to resume", file=sys.stderr)
+            return EXIT_USAGE
+        if not isinstance(error, _user_errors()):
             raise
         print(f"flatjax {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
