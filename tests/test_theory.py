@@ -340,3 +340,69 @@ KEY = jax.random.key(0)
 def test_bad_arguments_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---- fixed-norm square loss and the fixed-distance replicated scheme
+
+
+def _mse(w, b, x, y):
+    return float(np.mean((y - x @ np.asarray(w, np.float64) - float(b)) ** 2))
+
+
+def test_fixed_norm_mse_at_least_squares_norm_is_least_squares():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(70, 12)) * 0.7 + 0.2
+    y = np.where(rng.random(70) < 0.3, 1.0, -1.0)
+    xc, yc = x - x.mean(0), y - y.mean()
+    w_ls = np.linalg.lstsq(xc, yc, rcond=None)[0]
+    w, b = theory.fixed_norm_mse(x, y, float(np.linalg.norm(w_ls)))
+    np.testing.assert_allclose(np.asarray(w), w_ls, atol=1e-5)
+    np.testing.assert_allclose(float(b), y.mean() - x.mean(0) @ w_ls, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, factor", [((50, 10), 0.2), ((50, 10), 4.0), ((8, 16), 5.0)])
+def test_fixed_norm_mse_is_the_sphere_minimum(shape, factor):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=shape)
+    y = np.sign(rng.normal(size=shape[0]))
+    radius = factor * float(np.linalg.norm(np.linalg.lstsq(x - x.mean(0), y - y.mean(), rcond=None)[0]))
+    w, b = theory.fixed_norm_mse(x, y, radius)
+    assert abs(float(np.linalg.norm(w)) - radius) < 1e-4 * radius
+    best = _mse(w, b, x, y)
+    # no random point of the sphere (with its optimal bias) does better
+    for _ in range(200):
+        u = rng.normal(size=shape[1])
+        u = np.asarray(w) + 0.3 * radius * u / np.linalg.norm(u)
+        u *= radius / np.linalg.norm(u)
+        assert _mse(u, y.mean() - x.mean(0) @ u, x, y) >= best - 1e-6
+    # and projected gradient descent on the sphere reaches the same loss
+    w2, b2 = theory.fixed_distance_replicated_mse(x, y, radius, 1.0, num_steps=5000, seed=1)
+    assert abs(_mse(w2, b2, x, y) - best) < 1e-4
+
+
+def test_replicated_distance_to_zero_reduces_to_fixed_norm():
+    data = theory.gaussian_mixture(jax.random.PRNGKey(5), 30, 3.0, delta=0.7, rho=0.4)
+    x, y = np.asarray(data.x), np.asarray(data.y)
+    w, b = theory.fixed_norm_mse(x, y, 1.5)
+    w2, b2 = theory.fixed_distance_replicated_mse(x, y, 1.5, 1.0 - 1e-7, num_steps=3000)
+    np.testing.assert_allclose(np.asarray(w2), np.asarray(w), atol=2e-3)
+    np.testing.assert_allclose(float(b2), float(b), atol=2e-3)
+    # the replicas' constraint is exact at any q
+    w3, _ = theory.fixed_distance_replicated_mse(x, y, 1.5, 0.6, num_steps=200)
+    assert abs(float(np.linalg.norm(w3)) - 1.5) < 1e-4
+
+
+def test_fixed_norm_inputs_and_error_checks():
+    x = np.ones((3, 2)); y = np.array([1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="radius"):
+        theory.fixed_norm_mse(x, y, 0.0)
+    with pytest.raises(ValueError, match="x holds NaN"):
+        theory.fixed_norm_mse(np.full((3, 2), np.nan), y, 1.0)
+    with pytest.raises(ValueError, match="overlap"):
+        theory.fixed_distance_replicated_mse(x, y, 1.0, 1.5)
+    with pytest.raises(ValueError, match="zero vector"):
+        theory.generalization_error(np.zeros(2), 0.0, np.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match="w holds NaN"):
+        theory.generalization_error(np.array([np.nan, 1.0]), 0.0, np.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match="w holds NaN"):
+        theory.training_error(np.array([np.nan, 1.0]), 0.0, x, y)
