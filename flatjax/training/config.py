@@ -268,7 +268,9 @@ def _check_rsgd_jump(config: ml_collections.ConfigDict) -> None:
     epochs = float(config.num_epochs)
     if config.budget == "gradients":
         epochs /= int(rsgd.num_replicas)
-    updates = max(1, math.floor(epochs))
+    if epochs < 1:
+        return  # the one update lands at the end of the run, after the last step
+    updates = math.floor(epochs)
     if rsgd.coupling_schedule == "exponential":
         jump = float(rsgd.coupling_factor) ** (1.0 / updates)
     else:  # linear and cosine: the first update is the largest relative jump
