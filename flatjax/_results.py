@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from flatjax._extras import require
+
 __all__ = [
     "RestoredRun",
     "restore_run",
@@ -391,10 +393,9 @@ def results_table(runs: Sequence[Run]) -> str:
 
 
 def _plot_curves(runs: Sequence[Run], path: Path) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the figures of flatjax results")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "the figures of flatjax results")
 
     panels = [("train_loss", "training loss"), ("error", "error of the evaluated network (%)")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -419,10 +420,9 @@ def _plot_curves(runs: Sequence[Run], path: Path) -> None:
 
 
 def _plot_local_energy(runs: Sequence[Run], path: Path) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the figures of flatjax results")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "the figures of flatjax results")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for run in runs:

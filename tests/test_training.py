@@ -507,3 +507,48 @@ def test_train_state_create_runs_each_transform_and_evaluates_the_right_params()
     assert rsgd.batch_stats == {} and rsgd.rng.shape == (2,)
     with pytest.raises(ValueError, match="algorithm must be"):
         TrainState.create(apply_fn=None, params=w, tx=optax.sgd(0.1), algorithm="adam")
+
+
+def _read_event_scalars(directory) -> dict:
+    """{tag: [(step, value)]} from TensorBoard event files (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict = {}
+    for name in sorted(os.listdir(directory)):
+        if not name.startswith("events.out"):
+            continue
+        data = (directory / name).read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_puts_every_algorithm_on_the_gradient_evaluation_axis(blob_data, tmp_path):
+    runs = {
+        "sgd": tiny_config("sgd"),
+        "entropy_sgd": tiny_config("entropy_sgd"),
+        "replicated_sgd": tiny_config("replicated_sgd", rsgd__num_replicas=2),
+    }
+    last = {}
+    for name, config in runs.items():
+        workdir = tmp_path / name
+        train_and_evaluate(config, workdir, model=TinyMLP(), data=_source(blob_data))
+        rows = training.read_metrics(workdir / "metrics.jsonl")
+        events = _read_event_scalars(workdir / "tensorboard")
+        # Grouped tags; x-axis = gradient evaluations; by_step/ keeps the steps.
+        assert [s for s, _ in events["test/error"]] == [r["grad_evals"] for r in rows]
+        assert [s for s, _ in events["by_step/test/error"]] == [r["step"] for r in rows]
+        np.testing.assert_allclose([v for _, v in events["test/error"]],
+                                   [r["test_error"] for r in rows], rtol=1e-6)
+        assert "train/loss" in events and "optimizer/coupling" in events
+        last[name] = (rows[-1]["step"], events["test/error"][-1][0])
+    # One step costs 1 (SGD), L = 3 (Entropy-SGD) or y = 2 (Replicated-SGD) gradients.
+    assert {name: g // s for name, (s, g) in last.items()} == {
+        "sgd": 1, "entropy_sgd": 3, "replicated_sgd": 2}

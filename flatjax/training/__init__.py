@@ -15,11 +15,21 @@ from flatjax.training.evaluate import evaluate, evaluate_replicas
 from flatjax.training.loop import (
     ConfigMismatchError,
     DataSource,
+    RunHistoryError,
+    TrainingInterrupted,
+    WorkdirBusyError,
+    WorkdirLock,
     array_source,
     dataset_source,
     train_and_evaluate,
 )
-from flatjax.training.metrics import MetricsWriter, plot_curves, read_metrics
+from flatjax.training.metrics import (
+    MetricsFileError,
+    MetricsWriter,
+    plot_curves,
+    read_metrics,
+    tensorboard_tag,
+)
 from flatjax.training.state import (
     TrainState,
     create_train_state,
@@ -37,6 +47,12 @@ __all__ = [
     "base_config",
     "plan_steps",
     "validate_config",
+    "RunHistoryError",
+    "TrainingInterrupted",
+    "WorkdirBusyError",
+    "WorkdirLock",
+    "MetricsFileError",
+    "tensorboard_tag",
     "evaluate",
     "evaluate_replicas",
     "ConfigMismatchError",

@@ -11,7 +11,11 @@ split (``test``, or ``val`` with a validation hold-out), ``coupling`` (γ),
 ``wall_time`` (seconds since the run started, summed over resumes), plus
 algorithm-specific entries (replica and ensemble errors for Replicated-SGD).
 The same scalars go to TensorBoard event files (tensorboardX, no TensorFlow)
-under ``<workdir>/tensorboard``; :func:`plot_curves` draws them to PNG.
+under ``<workdir>/tensorboard``, with grouped tags (``test/error``,
+``train/loss``, ``optimizer/coupling``, see :func:`tensorboard_tag`) whose
+x-axis is the number of gradient evaluations, the axis on which SGD,
+Entropy-SGD and Replicated-SGD runs compare; the same scalars against
+training steps are under ``by_step/``. :func:`plot_curves` draws them to PNG.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-__all__ = ["MetricsWriter", "MetricsFileError", "read_metrics", "plot_curves"]
+from flatjax._extras import require
+
+__all__ = ["MetricsWriter", "MetricsFileError", "read_metrics", "plot_curves", "tensorboard_tag"]
 
 
 class MetricsFileError(ValueError):
@@ -72,6 +78,29 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
             ) from None
         rows.append(row)
     return rows
+
+
+_SPLITS = ("train", "test", "val", "replica", "ensemble", "center")
+
+
+def tensorboard_tag(key: str) -> str:
+    """The grouped TensorBoard tag of a metrics key: ``test_error`` → ``test/error``.
+
+    Keys that start with a split name (train, test, val, replica, ensemble,
+    center) go under it; the coupling and other optimizer quantities under
+    ``optimizer/``; counters and times under ``progress/``.
+
+    Example:
+      >>> from flatjax.training.metrics import tensorboard_tag
+      >>> tensorboard_tag("test_error"), tensorboard_tag("coupling"), tensorboard_tag("epoch")
+      ('test/error', 'optimizer/coupling', 'progress/epoch')
+    """
+    head, _, rest = key.partition("_")
+    if head in _SPLITS and rest:
+        return f"{head}/{rest}"
+    if key in ("epoch", "grad_evals", "effective_epochs", "wall_time", "skipped_steps"):
+        return f"progress/{key}"
+    return f"optimizer/{key}"
 
 
 def _scalars(row: dict):
@@ -130,9 +159,8 @@ class MetricsWriter:
         self.rows = rows
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            summary = require("tensorboardX", "TensorBoard event files (tensorboard=True)")
+            self._tb = summary.SummaryWriter(os.path.join(workdir, "tensorboard"))
         self._bar = tqdm(
             total=total_steps, initial=resume_step, disable=not progress, unit="step",
             dynamic_ncols=True,
@@ -149,8 +177,12 @@ class MetricsWriter:
             f.write(json.dumps(row) + "\n")
         self.rows.append(row)
         if self._tb is not None:
+            step = int(row["step"])
+            grad_evals = int(row.get("grad_evals", step))
             for key, value in _scalars(row):
-                self._tb.add_scalar(key, value, global_step=int(row["step"]))
+                tag = tensorboard_tag(key)
+                self._tb.add_scalar(f"{tag}", value, global_step=grad_evals)
+                self._tb.add_scalar(f"by_step/{tag}", value, global_step=step)
             self._tb.flush()
 
     def close(self) -> None:
@@ -183,10 +215,9 @@ def plot_curves(rows: list[dict], path: str | os.PathLike, *, title: str = "") -
       >>> os.path.getsize(path) > 0
       True
     """
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot_curves")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "plot_curves")
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     x = [r.get("effective_epochs", r["epoch"]) for r in rows]
