@@ -360,7 +360,9 @@ def results_table(runs: Sequence[Run]) -> str:
     (gradient evaluations / (N/B): SGD-epochs of compute), training steps,
     test (or validation) error and loss of the evaluation network, δE at up
     to four σ > 0 measured for every run (mean ± stderr, percentage points
-    of training error), and training wall time.
+    of training error), and training wall time. A Replicated-SGD run whose
+    centre is not yet a trained network (``center_trained = false`` in its
+    ``final.json``) is marked "(centre untrained)".
     """
     sigmas = _table_sigmas(runs)
     split = next((k.split("_")[0] for r in runs if (k := _eval_key(r.final, "error"))), "test")
@@ -371,8 +373,9 @@ def results_table(runs: Sequence[Run]) -> str:
     for run in runs:
         final = run.final
         error_key, loss_key = _eval_key(final, "error"), _eval_key(final, "loss")
+        name = run.name if final.get("center_trained", True) else f"{run.name} (centre untrained)"
         cells = [
-            run.name,
+            name,
             str(final.get("algorithm", run.config.get("algorithm", "?"))),
             _fmt(final.get("grad_evals"), "d"),
             _fmt(final.get("effective_epochs"), ".2f"),

@@ -439,7 +439,8 @@ def test_train_and_evaluate_writes_metrics_final_json_curves_and_tensorboard(blo
     assert len(rows[-1]["test_replica_error"]) == 2
     assert rows[-1]["test_error"] < 10.0
     with open(tmp_path / "final.json") as f:
-        assert json.load(f)["test_error"] == out["test_error"]
+        final = json.load(f)
+    assert final["test_error"] == out["test_error"] and final["center_trained"] is True
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert any(n.startswith("events.out") for n in os.listdir(tmp_path / "tensorboard"))
     with open(tmp_path / "config.json") as f:
@@ -552,3 +553,14 @@ def test_tensorboard_puts_every_algorithm_on_the_gradient_evaluation_axis(blob_d
     # One step costs 1 (SGD), L = 3 (Entropy-SGD) or y = 2 (Replicated-SGD) gradients.
     assert {name: g // s for name, (s, g) in last.items()} == {
         "sgd": 1, "entropy_sgd": 3, "replicated_sgd": 2}
+
+
+def test_untrained_center_is_flagged_not_reported():
+    from flatjax.training.loop import untrained_center
+
+    # The centre of unconverged replicas: far above them.
+    why = untrained_center({"val_error": 73.0, "val_replica_error": [12.0, 15.0, 9.0]})
+    assert "val error 73.0 %" in why and "12.0 %" in why and "\n" not in why
+    # Within the margin, or no replicas: not flagged.
+    assert untrained_center({"test_error": 8.0, "test_replica_error": [4.0, 5.0]}) is None
+    assert untrained_center({"test_error": 90.0}) is None

@@ -119,6 +119,50 @@ def _read_owner(path: str) -> dict:
         return {}
 
 
+def untrained_center(row: dict, *, margin: float = 5.0) -> str | None:
+    """Why a Replicated-SGD centre is not yet a trained network, or ``None``.
+
+    The centre c = mean of the replicas is the network Replicated-SGD
+    evaluates, but early in training, before the coupling has pulled the
+    replicas together, it is an average of unrelated networks whose error is
+    far above theirs (and whose flatness means nothing). It is flagged when
+    its error exceeds the replicas' mean error by more than ``margin`` points
+    and by more than half of it.
+
+    Args:
+      row: a metrics row or ``final.json`` with ``<split>_error`` and
+        ``<split>_replica_error`` (a list, one per replica).
+      margin: the tolerated excess in percentage points.
+
+    Returns:
+      A one-line explanation, or ``None`` when the centre is trained (or the
+      row has no replica errors).
+
+    Example:
+      >>> from flatjax.training.loop import untrained_center
+      >>> untrained_center({"test_error": 73.0, "test_replica_error": [9.0, 11.0]})[:40]
+      'The Replicated-SGD centre has test error'
+      >>> untrained_center({"test_error": 4.0, "test_replica_error": [4.5, 5.0]}) is None
+      True
+    """
+    for key, replicas in row.items():
+        if not key.endswith("_replica_error") or not isinstance(replicas, (list, tuple)):
+            continue
+        split = key[: -len("_replica_error")]
+        center = row.get(f"{split}_error")
+        if center is None or not replicas:
+            continue
+        mean = sum(float(r) for r in replicas) / len(replicas)
+        if float(center) > mean + margin and float(center) > 1.5 * mean:
+            return (
+                f"The Replicated-SGD centre has {split} error {float(center):.1f} % against its "
+                f"replicas' {mean:.1f} %: it is not yet a trained network (the replicas have not "
+                "converged to a common region), so its error and flatness are not results. Train "
+                "longer or raise the coupling; final.json marks it center_trained = false."
+            )
+    return None
+
+
 class WorkdirLock:
     """An advisory lock on ``<workdir>/.lock``: one training run per workdir.
 
@@ -799,6 +843,12 @@ def _train(config, workdir: str, model, data) -> dict:
         total_steps=plan.total_steps, grads_per_step=plan.grads_per_step,
         data_steps_per_epoch=plan.data_steps_per_epoch,
     )
+    untrained = untrained_center(final)
+    if untrained is not None:
+        final["center_trained"] = False
+        warnings.warn(untrained, RuntimeWarning, stacklevel=2)
+    elif any(k.endswith("_replica_error") for k in final):
+        final["center_trained"] = True
     _write_json(os.path.join(workdir, "final.json"), final, indent=2)
     if writer.rows:
         plot_curves(
