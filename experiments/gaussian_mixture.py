@@ -31,9 +31,9 @@ Run: ``.venv/bin/python -m experiments.gaussian_mixture [--quick]``.
 from __future__ import annotations
 
 import argparse
-import math
 import functools
 import json
+import math
 import pathlib
 import shlex
 import sys
@@ -388,8 +388,11 @@ def fixed_norm_sweep(args, out, command):
             data = theory.gaussian_mixture(key, args.dim, alpha, delta=args.delta, rho=args.rho)
             x, y, v = np.asarray(data.x), np.asarray(data.y), data.v
             bias = args.rho != 0.5
-            eg = lambda w, b: float(theory.generalization_error(w, b, v, delta=args.delta, rho=args.rho))
-            res = {"bayes_plugin": eg(*theory.bayes_optimal_classifier(x, y, delta=args.delta, rho=args.rho))}
+            def eg(w, b):
+                return float(theory.generalization_error(w, b, v, delta=args.delta, rho=args.rho))
+
+            plugin = theory.bayes_optimal_classifier(x, y, delta=args.delta, rho=args.rho)
+            res = {"bayes_plugin": eg(*plugin)}
             for r in args.radii:
                 res[f"fixed_norm_R{r:g}"] = eg(*theory.fixed_norm_mse(x, y, r, bias=bias))
             for q in args.overlaps:
@@ -419,7 +422,8 @@ def fixed_norm_sweep(args, out, command):
              "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['alpha']:g} | {bo[str(r['alpha'])]:.4f} | {r['estimator']} | "
-                     f"{r['eg']:.4f} ± {r['eg_se']:.4f} | {r['diff_vs_bayes_plugin']:+.4f} ± {r['diff_se']:.4f} |")
+                     f"{r['eg']:.4f} ± {r['eg_se']:.4f} | "
+                     f"{r['diff_vs_bayes_plugin']:+.4f} ± {r['diff_se']:.4f} |")
     (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

@@ -18,7 +18,7 @@ Design (sized for a loaded 2-core CPU; ``--quick`` is a seconds-long smoke run):
   on the rest and the local energy is measured on that training data.
 * Shared settings: batch 128 (digits 64), Nesterov momentum 0.9, weight
   decay 5e-4, cosine learning-rate schedule, no augmentation; eSGD and rSGD
-  use the defaults of ``experiments.configs.common.set_algorithm`` (eSGD outer
+  use the defaults of ``flatjax.configs.common.set_algorithm`` (eSGD outer
   lr η = 1, γ from 0.1 to 1 ×10, L = 5, inner lr η′ as tuned; rSGD y = 3, γ₀
   balanced, ×1e4 over the run, exponential per epoch).
 * Tuning, the same budget for each algorithm, on the validation split only:
@@ -74,9 +74,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import flatjax
-from experiments.configs import common
 from flatjax import data as fdata
 from flatjax import models
+from flatjax.configs import common
 from flatjax.training import (
     array_source,
     create_train_state,
@@ -92,7 +92,7 @@ __all__ = ["main", "run_study", "study_settings", "write_report"]
 
 DEFAULT_OUT = os.path.join("experiments", "results", "study")
 RESULTS_MD = os.path.join("experiments", "RESULTS.md")
-ALGORITHMS = ("sgd", "esgd", "rsgd")  # short names of experiments.configs.common
+ALGORITHMS = ("sgd", "esgd", "rsgd")  # short names of flatjax.configs.common
 LABELS = {"sgd": "SGD", "esgd": "Entropy-SGD", "rsgd": "Replicated-SGD (centre)"}
 COLORS = {"sgd": "tab:blue", "esgd": "tab:orange", "rsgd": "tab:green"}
 BUDGETS = ("gradients", "epochs")
@@ -152,7 +152,7 @@ def study_settings(quick: bool) -> dict:
 
 
 def make_config(dataset: str, algorithm: str, budget: str, learning_rate: float, epochs: float):
-    """The run's config: ``experiments.configs.common`` defaults plus the study's settings."""
+    """The run's config: ``flatjax.configs.common`` defaults plus the study's settings."""
     spec = DATASETS[dataset]
     config = common.experiment_base()
     config.dataset = dataset
@@ -588,13 +588,13 @@ FULL_SIZE = """\
 ## Full-size runs (GPU/TPU): not run here
 
 The paper's deep-learning grid (arXiv 2006.07897, Table 1) is configured in
-`experiments/configs/cifar.py` (CIFAR-10/100, standard augmentation, batch
+`flatjax/configs/cifar.py` (CIFAR-10/100, standard augmentation, batch
 128, Nesterov 0.9, cosine lr 0.1, weight decay 5e-4, 200 epochs; eSGD L = 5,
 outer lr 1 with γ 0.1 → 1; rSGD y = 3, centre evaluated; `budget=gradients`,
 i.e. equal gradient evaluations). The CIFAR datasets must be prepared once
 with tfds on a connected machine. One cell, e.g. CIFAR-10 × ResNet-18 × eSGD:
 
-    flatjax train --config experiments/configs/cifar.py:cifar10,resnet18,esgd \\
+    flatjax train --config flatjax/configs/cifar.py:cifar10,resnet18,esgd \\
         --workdir runs/cifar10/resnet18/esgd
     flatjax flatness --workdir runs/cifar10/resnet18/esgd   # local energy, training set
     flatjax results runs/cifar10/resnet18/* --out results/cifar10_resnet18
@@ -605,7 +605,7 @@ another `--workdir`). The grid (`DATASET` ∈ {cifar10, cifar100}, `MODEL` ∈
 
     for D in cifar10 cifar100; do for M in resnet18 resnet110 pyramidnet272 efficientnet_b0; do
       for A in sgd esgd rsgd; do
-        flatjax train --config experiments/configs/cifar.py:$D,$M,$A --workdir runs/$D/$M/$A
+        flatjax train --config flatjax/configs/cifar.py:$D,$M,$A --workdir runs/$D/$M/$A
       done; done; done
 
 PyramidNet-272 (α = 200, bottleneck, ShakeDrop) needs several GPUs; the others one.

@@ -1,12 +1,12 @@
 """The ``flatjax`` command line: train, eval, flatness, results, demo.
 
 A thin layer over the library, in the style of the flax examples' ``main.py``:
-configuration is data (``experiments/configs/*.py``), the command line only
+configuration is data (``flatjax/configs/*.py``), the command line only
 picks a config, overrides fields and names a work directory.
 
 ::
 
-    flatjax train --config experiments/configs/mnist5k.py:esgd --workdir runs/esgd \\
+    flatjax train --config flatjax/configs/mnist5k.py:esgd --workdir runs/esgd \\
         [--set num_epochs=3 --set esgd.inner_steps=10 ...]
     flatjax eval --workdir runs/esgd
     flatjax flatness --workdir runs/esgd [--sigmas 0 0.01 0.05] [--num-draws 32]
@@ -43,7 +43,6 @@ __all__ = ["main", "load_config", "apply_overrides", "parse_value", "CLIError"]
 
 EXIT_USAGE = 2
 # The demo's config, relative to the repository root.
-DEMO_CONFIG = Path("experiments") / "configs" / "mnist5k.py"
 DEMO_ALGORITHMS = ("sgd", "esgd", "rsgd")
 
 
@@ -56,10 +55,10 @@ class CLIError(Exception):
 
 
 def _import_config_module(path: Path):
-    """Imports a config file; inside a package (``experiments/configs``) by its dotted name.
+    """Imports a config file; inside a package (``flatjax/configs``) by its dotted name.
 
     Importing by dotted name lets config files share a base with ordinary
-    imports (``from experiments.configs import common``), as they do under
+    imports (``from flatjax.configs import common``), as they do under
     ``ml_collections.config_flags`` when run from the repository root.
     """
     path = path.resolve()
@@ -78,6 +77,89 @@ def _import_config_module(path: Path):
     return module
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_configs() -> dict[str, str]:
+    """The config files that ship with flatjax: ``{name: first line of its docstring}``."""
+    import ast
+
+    out = {}
+    for path in sorted(PACKAGED_CONFIGS.glob("*.py")):
+        if path.stem.startswith("_") or path.stem == "common":
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        out[path.name] = doc.strip().splitlines()[0] if doc.strip() else ""
+    return out
+
+
+def _resolve_config_path(path_text: str) -> Path:
+    """A config file: the path as given, else the packaged config of that name.
+
+    ``mnist5k``, ``mnist5k.py`` and ``flatjax/configs/mnist5k.py`` all name
+    the packaged ``flatjax/configs/mnist5k.py`` from any working directory.
+    """
+    path = Path(path_text)
+    if path.is_file():
+        return path
+    name = path.name if path.suffix else f"{path.name}.py"
+    packaged = PACKAGED_CONFIGS / name
+    if packaged.is_file():
+        return packaged
+    raise FileNotFoundError(
+        f"config file not found: {path_text!r} (neither a file nor one of the packaged "
+        f"configs {', '.join(packaged_configs())}; `flatjax train --help` lists them)"
+    )
+
+
+def _config_tokens(name: str) -> str:
+    """The tokens ``get_config`` of a packaged config accepts, from its own error message."""
+    try:
+        module = _import_config_module(PACKAGED_CONFIGS / name)
+        module.get_config("\x00")
+    except ValueError as error:
+        text = str(error)
+        if "expected comma-separated tokens from (" in text:
+            return text.split("tokens from (", 1)[1].rsplit(")", 1)[0] + "; quick"
+    except Exception:  # noqa: BLE001 - help must print even if a config is broken
+        return "?"
+    return "quick"
+
+
+def configs_help() -> str:
+    """The help text listing the packaged configs, their purpose and their tokens."""
+    lines = ["packaged configs (--config NAME.py:TOKEN,TOKEN,... from any folder):"]
+    for name, doc in packaged_configs().items():
+        lines.append(f"  {name:12s} {doc}")
+        lines.append(f"  {'':12s} tokens: {_config_tokens(name)}")
+    lines.append("override any field with --config.KEY=VALUE (or --set KEY=VALUE), e.g. "
+                 "--config.num_epochs=1 --config.esgd.inner_steps=10")
+    return "\n".join(lines)
+
+
+def _config_flag_overrides(argv: list[str]) -> list[str]:
+    """``ml_collections.config_flags`` overrides (``--config.key=value``) as ``--set key=value``.
+
+    Example:
+      >>> _config_flag_overrides(["train", "--config.num_epochs=1", "--config.esgd.noise", "0"])
+      ['train', '--set', 'num_epochs=1', '--set', 'esgd.noise=0']
+    """
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config.") and len(arg) > len("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{arg}: expected {arg}=VALUE or {arg} VALUE")
+                value, i = argv[i + 1], i + 1
+            out += ["--set", f"{key}={value}"]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def load_config(spec: str):
     """Builds the config named by ``PATH[:ARG]``: ``get_config(ARG)`` of the Python file PATH.
 
@@ -93,20 +175,18 @@ def load_config(spec: str):
       ValueError: the file has no ``get_config`` or it returned no ConfigDict.
 
     Example:
-      >>> config = load_config("experiments/configs/mnist5k.py:rsgd")  # doctest: +SKIP
+      >>> config = load_config("flatjax/configs/mnist5k.py:rsgd")  # doctest: +SKIP
       >>> config.algorithm  # doctest: +SKIP
       'replicated_sgd'
     """
     import ml_collections
 
     path_text, sep, arg = spec.partition(":")
-    path = Path(path_text)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path_text!r}")
+    path = _resolve_config_path(path_text)
     if path.suffix != ".py":
         raise ValueError(
             f"{path_text!r} is not a config file: expected a Python file defining "
-            "get_config(), e.g. experiments/configs/mnist5k.py:esgd"
+            "get_config(), e.g. flatjax/configs/mnist5k.py:esgd"
         )
     try:
         module = _import_config_module(path)
@@ -361,20 +441,14 @@ def _cmd_results(args) -> int:
 
 
 def _demo_config_path() -> Path:
-    """``experiments/configs/mnist5k.py`` of the checkout flatjax runs from, else of the cwd."""
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
-        if (root / DEMO_CONFIG).is_file():
-            return root / DEMO_CONFIG
-    raise CLIError(
-        f"the demo config {DEMO_CONFIG} was not found; run `flatjax demo` from the flatjax "
-        "repository (it ships in experiments/, not in the installed package)"
-    )
+    """The packaged demo config, ``flatjax/configs/mnist5k.py``."""
+    return PACKAGED_CONFIGS / "mnist5k.py"
 
 
 def run_demo(workdir: str, *, quick: bool = False, progress: bool = True) -> str:
     """Trains SGD, Entropy-SGD and Replicated-SGD on mnist5k, measures and compares them.
 
-    Each algorithm trains with ``experiments/configs/mnist5k.py`` (same
+    Each algorithm trains with ``flatjax/configs/mnist5k.py`` (same
     gradient budget) into ``workdir/<algorithm>``; then the local energy of
     each evaluation network is measured on the training set, and the
     comparison table (``results.md``) and figures are written into
@@ -431,8 +505,8 @@ def _cmd_demo(args) -> int:
 
 _EXAMPLES = """examples:
   flatjax demo                                   offline demo (mnist5k, LeNet-5)
-  flatjax train --config experiments/configs/mnist5k.py:esgd --workdir runs/esgd
-  flatjax train --config experiments/configs/cifar.py:cifar10,resnet18,rsgd \\
+  flatjax train --config flatjax/configs/mnist5k.py:esgd --workdir runs/esgd
+  flatjax train --config flatjax/configs/cifar.py:cifar10,resnet18,rsgd \\
       --workdir runs/c10_r18_rsgd --set num_epochs=100
   flatjax eval --workdir runs/esgd
   flatjax flatness --workdir runs/esgd --sigmas 0 0.01 0.05 --num-draws 32
@@ -473,9 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
-        "train", parents=[common, overrides], help="train a config into a work directory"
+        "train", parents=[common, overrides], help="train a config into a work directory",
+        epilog=configs_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", required=True, metavar="PATH[:ARG]", help="config file")
+    p.add_argument("--config", required=True, metavar="PATH[:ARG]",
+                   help="config file, or the name of a packaged config (listed below)")
     p.add_argument("--workdir", required=True, help="output directory (created)")
     p.add_argument(
         "--restart", action="store_true",
@@ -574,6 +650,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       0 on success, 2 on an error, whose message is one line on stderr, 130 on Ctrl-C.
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _config_flag_overrides(argv)
+    except ValueError as error:
+        parser.error(str(error))
     args = parser.parse_args(argv)
     try:
         return args.func(args)

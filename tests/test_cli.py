@@ -358,3 +358,18 @@ def test_python_m_flatjax_help():
     assert result.returncode == 0
     for command in ("train", "eval", "flatness", "results", "demo"):
         assert command in result.stdout
+
+
+def test_packaged_configs_and_config_flag_overrides_work_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # A packaged config by name, with ml_collections.config_flags-style overrides.
+    argv = cli._config_flag_overrides(["train", "--config", "mnist5k:rsgd,quick",
+                                       "--config.num_epochs=2", "--config.rsgd.num_replicas", "4"])
+    assert argv[-4:] == ["--set", "num_epochs=2", "--set", "rsgd.num_replicas=4"]
+    config = cli.load_config("mnist5k.py:rsgd,quick")
+    assert config.algorithm == "replicated_sgd" and config.dataset == "mnist5k"
+    assert cli.load_config("flatjax/configs/small.py:quick").dataset in ("mnist", "fashion_mnist")
+    with pytest.raises(FileNotFoundError, match="packaged configs cifar.py, mnist5k.py, small.py"):
+        cli.load_config("nonexistent.py")
+    help_text = cli.configs_help()
+    assert "mnist5k.py" in help_text and "algorithm: sgd, esgd, rsgd; quick" in help_text

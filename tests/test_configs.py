@@ -5,11 +5,11 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from experiments.configs import cifar, common, mnist5k, small
 from flatjax import cli
+from flatjax.configs import cifar, common, mnist5k, small
 from flatjax.training import base_config, validate_config
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "flatjax" / "configs"
 CONFIG_FILES = sorted(
     p.name for p in CONFIG_DIR.glob("*.py") if p.name not in ("__init__.py", "common.py")
 )

@@ -365,7 +365,8 @@ def test_fixed_norm_mse_is_the_sphere_minimum(shape, factor):
     rng = np.random.default_rng(4)
     x = rng.normal(size=shape)
     y = np.sign(rng.normal(size=shape[0]))
-    radius = factor * float(np.linalg.norm(np.linalg.lstsq(x - x.mean(0), y - y.mean(), rcond=None)[0]))
+    least_squares = np.linalg.lstsq(x - x.mean(0), y - y.mean(), rcond=None)[0]
+    radius = factor * float(np.linalg.norm(least_squares))
     w, b = theory.fixed_norm_mse(x, y, radius)
     assert abs(float(np.linalg.norm(w)) - radius) < 1e-4 * radius
     best = _mse(w, b, x, y)
@@ -393,7 +394,8 @@ def test_replicated_distance_to_zero_reduces_to_fixed_norm():
 
 
 def test_fixed_norm_inputs_and_error_checks():
-    x = np.ones((3, 2)); y = np.array([1.0, -1.0, 1.0])
+    x = np.ones((3, 2))
+    y = np.array([1.0, -1.0, 1.0])
     with pytest.raises(ValueError, match="radius"):
         theory.fixed_norm_mse(x, y, 0.0)
     with pytest.raises(ValueError, match="x holds NaN"):

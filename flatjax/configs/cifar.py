@@ -29,17 +29,17 @@ efficientnet_b0}, ALGORITHM in {sgd, esgd, rsgd}; the default is
 ``cifar10,resnet18,sgd``. ``quick`` swaps in the tiny variant of the
 architecture and a sliver of an epoch, to check the pipeline. Commands, e.g.::
 
-    flatjax train --config experiments/configs/cifar.py:cifar10,resnet18,sgd \\
+    flatjax train --config flatjax/configs/cifar.py:cifar10,resnet18,sgd \\
         --workdir runs/cifar10/resnet18/sgd
-    flatjax train --config experiments/configs/cifar.py:cifar10,resnet18,esgd \\
+    flatjax train --config flatjax/configs/cifar.py:cifar10,resnet18,esgd \\
         --workdir runs/cifar10/resnet18/esgd
-    flatjax train --config experiments/configs/cifar.py:cifar100,pyramidnet272,rsgd \\
+    flatjax train --config flatjax/configs/cifar.py:cifar100,pyramidnet272,rsgd \\
         --workdir runs/cifar100/pyramidnet272/rsgd
     flatjax flatness --workdir runs/cifar10/resnet18/esgd
     flatjax results runs/cifar10/resnet18/* --out results/cifar10_resnet18
 """
 
-from experiments.configs import common
+from flatjax.configs import common
 
 DATASETS = ("cifar10", "cifar100")
 # Config token -> the name ``flatjax.models.get_model`` knows.

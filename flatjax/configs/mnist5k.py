@@ -31,13 +31,13 @@ Commands (the demo trains all three, then measures and tabulates them)::
 
     flatjax demo --workdir runs/demo            # 2.3 min wall, 4 min CPU (2 cores)
     flatjax demo --quick                        # seconds: the tests' mode
-    flatjax train --config experiments/configs/mnist5k.py:esgd --workdir runs/mnist5k/esgd
+    flatjax train --config flatjax/configs/mnist5k.py:esgd --workdir runs/mnist5k/esgd
 
 ``get_config(arg)``: ``arg`` is ``sgd`` (default), ``esgd`` or ``rsgd``,
 optionally followed by ``,quick``.
 """
 
-from experiments.configs import common
+from flatjax.configs import common
 
 DEMO_ALGORITHMS = ("sgd", "esgd", "rsgd")
 

@@ -19,13 +19,13 @@ multi-layer perceptron on flattened images.
 DATASET in {mnist, fashion_mnist}, MODEL in {lenet5, mlp}, ALGORITHM in
 {sgd, esgd, rsgd}; the default is ``fashion_mnist,lenet5,sgd``. Commands, e.g.::
 
-    flatjax train --config experiments/configs/small.py:fashion_mnist,lenet5,rsgd \\
+    flatjax train --config flatjax/configs/small.py:fashion_mnist,lenet5,rsgd \\
         --workdir runs/fashion_mnist/lenet5/rsgd
-    flatjax train --config experiments/configs/small.py:mnist,mlp,esgd \\
+    flatjax train --config flatjax/configs/small.py:mnist,mlp,esgd \\
         --workdir runs/mnist/mlp/esgd
 """
 
-from experiments.configs import common
+from flatjax.configs import common
 
 DATASETS = ("mnist", "fashion_mnist")
 MODELS = ("lenet5", "mlp")

@@ -1,6 +1,6 @@
 """The base configuration every experiment starts from, and its validation.
 
-Experiment configs (``experiments/configs/<name>.py``) call
+Experiment configs (``flatjax/configs/<name>.py``) call
 :func:`base_config` and override only what differs, as in the flax examples.
 :func:`validate_config` checks every value eagerly with a message that says
 what was given and what is expected; :func:`plan_steps` is the ONE place where
