@@ -548,8 +548,9 @@ def erm(
             jnp.asarray(weights), jnp.float32(ridge), bias, int(max_iter),
         )
     else:
-        from sklearn.svm import LinearSVC
+        from flatjax._extras import require
 
+        LinearSVC = require("sklearn.svm", "the hinge-loss estimator").LinearSVC
         lam = max(ridge, 1e-5)
         model = LinearSVC(
             C=1.0 / (lam * p),
