@@ -307,6 +307,7 @@ class _DatasetEnergy(NamedTuple):
     apply_fn: Callable
     metric: str
     num_examples: int
+    has_conv: bool = False
 
     @property
     def term(self) -> _BatchTerm:
@@ -334,7 +335,7 @@ class _DatasetLoss:
     them.
     """
 
-    __slots__ = ("energy", "other_vars", "batches", "_batch_list")
+    __slots__ = ("energy", "other_vars", "batches", "_batch_list", "__weakref__")  # jax.jit(it)
 
     def __init__(self, energy: _DatasetEnergy, other_vars, batches: _Batches):
         self.energy, self.other_vars, self.batches = energy, other_vars, batches
@@ -381,9 +382,27 @@ def _check_finite_inputs(x) -> None:
         )
 
 
-def _check_labels(apply_fn, variables, x, y) -> None:
-    """Labels must index the logits: 0 ≤ y < C, C read from ``apply_fn`` by ``eval_shape``."""
-    logits = jax.eval_shape(apply_fn, variables, x[:1])
+def _uses_conv(jaxpr) -> bool:
+    """Whether a jaxpr, or one nested in it (scan, cond, pjit, ...), has a convolution."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns") and _uses_conv(sub):
+                    return True
+    return False
+
+
+def _check_labels(apply_fn, variables, x, y) -> bool:
+    """Labels must index the logits: 0 ≤ y < C, C read from one trace of ``apply_fn``.
+
+    Returns whether the network has a convolution (from the same trace).
+    """
+    closed, logits = jax.make_jaxpr(apply_fn, return_shape=True)(variables, x[:1])
+    if not hasattr(logits, "shape"):
+        raise ValueError(f"apply_fn must return logits [batch, classes], got {logits!r}.")
     if not logits.shape:
         raise ValueError(f"apply_fn must return logits [batch, classes], got shape {logits.shape}.")
     num_classes = int(logits.shape[-1])
@@ -391,8 +410,10 @@ def _check_labels(apply_fn, variables, x, y) -> None:
     if lo < 0 or hi >= num_classes:
         raise ValueError(
             f"data labels y must be class indices in [0, {num_classes}) for the "
-            f"{num_classes} logits of apply_fn, got labels in [{lo}, {hi}]."
+            f"{num_classes} logits of apply_fn, got labels in [{lo}, {hi}]; remap the "
+            "labels to 0..C-1 or give the network as many outputs as classes."
         )
+    return _uses_conv(closed.jaxpr)
 
 
 def _check_finite_params(params) -> None:
@@ -414,9 +435,9 @@ def _dataset_parts(apply_fn, variables, data, batch_size, metric):
     batch_size = _check_positive_int("batch_size", batch_size)
     _check_choice("metric", metric, _METRICS)
     _check_finite_inputs(x)
-    _check_labels(apply_fn, variables, x, y)
+    has_conv = _check_labels(apply_fn, variables, x, y)
     other = {k: v for k, v in variables.items() if k != "params"}
-    energy = _DatasetEnergy(_static(apply_fn), metric, int(x.shape[0]))
+    energy = _DatasetEnergy(_static(apply_fn), metric, int(x.shape[0]), has_conv)
     return energy, other, _stack_batches(x, y, batch_size)
 
 
@@ -623,15 +644,22 @@ def _num_params(params) -> int:
     return sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(params))
 
 
-def _default_chunk_size(num_params: int, examples_per_pass: int, total: int) -> int:
+def _default_chunk_size(
+    num_params: int, examples_per_pass: int, total: int, has_conv: bool = False
+) -> int:
     """Draws evaluated together by one ``vmap``.
 
     Heuristic: a chunk's work per forward pass, ``chunk × params × batch``
     (≈ multiply-adds of a dense network), stays under 2²⁶ on CPU (larger
     chunks spill the batched activations out of cache) and 2³⁰ on GPU/TPU,
     and the perturbed parameter copies ``chunk × params`` under 2²⁸ floats
-    (1 GiB in float32).
+    (1 GiB in float32). On CPU a convolutional network gets chunks of 1:
+    XLA:CPU runs a convolution vmapped over weight copies as a grouped
+    convolution, 4-6× slower than the separate passes (measured:
+    experiments/benchmarks/hessian_bench.py).
     """
+    if has_conv and jax.default_backend() == "cpu":
+        return 1
     num_params = max(num_params, 1)
     budget = _CHUNK_WORK_BUDGET.get(jax.default_backend(), _CHUNK_WORK_BUDGET_ACCELERATOR)
     by_work = budget // (num_params * max(examples_per_pass, 1))
@@ -718,8 +746,12 @@ def local_energy_fn(
     _check_finite_params(params)
     fn, args = _loss_parts(energy_fn)
     if chunk_size is None:
-        per_pass = energy_fn.batches.x.shape[1] if isinstance(energy_fn, _DatasetLoss) else 1
-        chunk_size = _default_chunk_size(_num_params(params), per_pass, sigmas.size * num_draws)
+        per_pass, has_conv = 1, False
+        if isinstance(energy_fn, _DatasetLoss):
+            per_pass, has_conv = energy_fn.batches.x.shape[1], energy_fn.energy.has_conv
+        chunk_size = _default_chunk_size(
+            _num_params(params), per_pass, sigmas.size * num_draws, has_conv
+        )
     return _local_energy_run(
         fn, params, args, sigmas, key, num_draws=num_draws, noise=noise, mask=mask,
         chunk_size=chunk_size, progress=progress,
@@ -777,8 +809,10 @@ def local_energy(
       chunk_size: draws evaluated together by one ``vmap``. Default: the
         largest chunk with ``chunk × params × batch`` (work of a dense
         forward pass) ≤ 2²⁶ on CPU, 2³⁰ on GPU/TPU, and ``chunk × params ≤
-        2²⁸``; lower it if memory runs out (e.g. convolutional nets with
-        large activations), raise it to fill a large accelerator.
+        2²⁸``, and 1 on CPU for a network with convolutions (XLA:CPU runs
+        vmapped convolutions as slow grouped ones); lower it if memory runs
+        out (e.g. convolutional nets with large activations), raise it to
+        fill a large accelerator.
       perturb: ``"all"`` (default), ``"no_bias_bn"`` (skip biases and
         normalisation scale/shift, i.e. leaves named ``bias``/``scale``) or a
         predicate ``(path: tuple[str, ...], leaf) -> bool``.
@@ -820,7 +854,7 @@ def local_energy(
     _check_finite_params(params)
     if chunk_size is None:
         chunk_size = _default_chunk_size(
-            _num_params(params), batches.x.shape[1], sigmas.size * num_draws
+            _num_params(params), batches.x.shape[1], sigmas.size * num_draws, energy.has_conv
         )
     return _local_energy_run(
         energy, params, (other, batches), sigmas, key, num_draws=num_draws, noise=noise,

@@ -425,6 +425,7 @@ def test_hessian_tools_on_dataset_loss_match_the_full_batch_loss():
     params = variables["params"]
     full = lambda p: loss_fn(p, x, y)
     streamed = flatjax.dataset_loss(apply_fn, variables, (x, y), batch_size=16)  # 4 batches of 13
+    assert float(jax.jit(streamed)(params)) == pytest.approx(float(full(params)), rel=1e-5)
     flat, unravel = ravel_pytree(params)
     v = unravel(jax.random.normal(KEY, flat.shape))
     want = ravel_pytree(flatjax.hvp(full, params, v))[0]
@@ -557,3 +558,19 @@ def test_progress_lines_go_to_the_callable(monkeypatch):
     assert all(line.count("\n") == 0 for line in lines)
     with pytest.raises(TypeError, match="progress"):
         flatjax.hessian_trace(loss, params, key=KEY, progress="yes")
+
+
+def test_a_convolutional_network_is_recognised_for_the_chunk_heuristic():
+    from flatjax import _flatness
+
+    kernel = jnp.ones((3, 3, 1, 2))
+    conv = lambda v, x: jnp.mean(
+        jax.lax.conv_general_dilated(x, v["params"]["k"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")), axis=(1, 2)
+    )  # fmt: skip
+    x, y = jnp.ones((4, 5, 5, 1)), jnp.array([0, 1, 0, 1])
+    assert flatjax.dataset_loss(conv, {"params": {"k": kernel}}, (x, y)).energy.has_conv
+    apply_fn, variables, xs, ys = _linear()
+    assert not flatjax.dataset_loss(apply_fn, variables, (xs, ys)).energy.has_conv
+    if jax.default_backend() == "cpu":
+        assert _flatness._default_chunk_size(100, 10, 50, has_conv=True) == 1

@@ -14,6 +14,9 @@ Sections (``--only`` picks some; by default all that this host can run):
 - ``esgd``: Entropy-SGD scan and stepwise ÷ L SGD steps (``esgd_bench``);
 - ``compile``: compile time against L and y (``compile_bench``);
 - ``local_energy``: local energy ÷ M evaluation passes (``local_energy_bench``);
+- ``hessian``: hvp, top eigenvalue, Hessian trace and local energy on a
+  ``dataset_loss`` ÷ plain jitted full-batch HVPs / passes, small CNNs on
+  digits (``hessian_bench``);
 - ``pipeline``: input-pipeline images/s (``pipeline_bench``; needs
   tensorflow-datasets and grain, skipped where they are missing), divided by
   the training step's images/s measured by ``rsgd``;
@@ -42,7 +45,7 @@ import sys
 import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-SECTIONS = ("rsgd", "esgd", "compile", "local_energy", "pipeline", "devices", "cpu")
+SECTIONS = ("rsgd", "esgd", "compile", "local_energy", "hessian", "pipeline", "devices", "cpu")
 PIPELINE_TARGET = 5.0
 
 # XLA:CPU settings tried on the ResNet-18 step: (label, XLA_FLAGS to add, dtype, extra env).
@@ -149,6 +152,10 @@ def run_sections(args) -> dict[str, str]:
             (["--n", "200", "--num-draws", "4", "--batch-size", "100", "--repeats", "2"]
              if q else ["--repeats", str(args.reps)])
             + ["--out", os.path.join(out, "local_energy.json")])
+    section("hessian", "experiments.benchmarks.hessian_bench",
+            (["--models", "cnn", "--iters", "3", "--probes", "3", "--draws", "3", "--reps", "1"]
+             if q else [])
+            + ["--out", os.path.join(out, "hessian.json")])
     if "pipeline" in args.only:
         if gpu or not (_has("tensorflow_datasets") and _has("grain")):
             errors["pipeline"] = "skipped: needs tensorflow-datasets and grain (CPU host only)"
@@ -265,6 +272,8 @@ def summarise(out: str, errors: dict[str, str], machine: dict, ran: list[str]) -
                               f"{le['speedup_over_naive_loop']:.1f}x faster than a Python loop"))
         rows.append(dict(benchmark="local_energy_speedup_vs_loop", model="mlp",
                          ratio=round(le["speedup_over_naive_loop"], 2), target=None))
+    if hess := source("hessian"):
+        rows += hess["rows"]
     if pipe := source("pipeline"):
         best = {}
         for r in pipe["results"]:
