@@ -1025,13 +1025,13 @@ def hessian_top_eigenvalue(
       λ_k = v_kᵀ H v_k, \qquad v_{k+1} = \frac{H v_k}{\|H v_k\|},
       \qquad H = ∇²L(w),
 
-    from a random Gaussian unit v₁, stopping when |λ_k − λ_{k−1}| ≤ tol·|λ_k|
+    from a random Gaussian unit v₁, stopping when abs(λ_k − λ_{k−1}) ≤ tol·abs(λ_k)
     or after ``num_iters`` iterations; it returns (λ_k, v_k). Each iteration
     is one HVP: a single jitted HVP (for a :func:`dataset_loss`, one per
     batch, accumulated) compiled once and called from a Python loop, so the
     cost is that of the HVPs plus one small host read of λ_k per iteration.
-    It converges to the eigenvalue of largest |λ|, which at a minimum is the
-    top (sharpest) one; the rate is the ratio of the two largest |λ|.
+    It converges to the eigenvalue of largest abs(λ), which at a minimum is the
+    top (sharpest) one; the rate is the ratio of the two largest abs(λ).
 
     Args:
       loss_fn: ``loss_fn(params) -> scalar``, e.g. from :func:`dataset_loss`.
@@ -1394,7 +1394,7 @@ def local_entropy(
         its O(η) bias down: on a quadratic ULA overestimates F by up to
         step_fraction·d/4 nats per unit of log γ on the ladder).
       curvature: λ, the scale of ∇²L (its top eigenvalue); default
-        |:func:`hessian_top_eigenvalue`| at w̃ (50 iterations).
+        the absolute value of :func:`hessian_top_eigenvalue` at w̃ (50 iterations).
       num_anchor_samples: Gaussian draws for the anchor at γ_max (≥ 2).
 
     Returns:
