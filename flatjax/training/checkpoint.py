@@ -245,10 +245,16 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.StandardSave(checkpoint_tree(state)), force=True)
         self._manager.wait_until_finished()
         step_dir = self.step_dir(step)
-        if os.path.isdir(step_dir):
+        # One writer per checkpoint (process 0 on a shared filesystem); the others
+        # wait for it, so that no process reads the step before its manifest exists.
+        if jax.process_index() == 0 and os.path.isdir(step_dir):
             if loop_state is not None:
                 _write_atomic(os.path.join(step_dir, LOOP_STATE), json.dumps(loop_state))
             write_manifest(step_dir)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"flatjax checkpoint {step} manifest")
 
     def loop_state(self, step: int) -> dict | None:
         """The ``loop_state`` saved with checkpoint ``step``; None if it has none."""

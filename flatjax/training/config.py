@@ -232,7 +232,7 @@ def _inner_coupling_bound(esgd: ml_collections.ConfigDict) -> float:
 
 
 def _check_esgd_inner_step(config: ml_collections.ConfigDict) -> None:
-    """η′ · γ_max must stay below the inner step's bound b′ (when γ_max is known)."""
+    """Warns when η′ · γ_max reaches the inner step's bound b′ (γ will be clamped)."""
     esgd = config.esgd
     peaks = []
     if esgd.coupling is not None:
@@ -246,13 +246,18 @@ def _check_esgd_inner_step(config: ml_collections.ConfigDict) -> None:
     decay = esgd.inner_weight_decay if esgd.inner_weight_decay is not None else config.weight_decay
     bound = _inner_coupling_bound(esgd)
     if eta * (gamma_max + float(decay)) >= bound:
-        raise ValueError(
-            f"config.esgd: the inner Langevin step is unstable at the largest coupling: "
+        # The transform clamps γ at run time (clamp_fraction of this bound), so the
+        # run is stable, but not at the coupling the config asks for: say so.
+        warnings.warn(
+            f"config.esgd: the inner Langevin step would be unstable at the largest coupling "
+            f"and γ will be clamped: "
             f"η′ · (γ_max + λ′) = {eta:g} · ({gamma_max:g} + {float(decay):g}) = "
             f"{eta * (gamma_max + float(decay)):.4g}, but the inner SGD step (Nesterov "
             f"β′ = {float(esgd.inner_momentum):g}) is stable only below {bound:.4g}. Lower "
             "esgd.inner_learning_rate, esgd.coupling or esgd.coupling_factor, or set "
-            f"esgd.coupling_max below {bound / eta - float(decay):.4g}."
+            f"esgd.coupling_max below {bound / eta - float(decay):.4g}.",
+            RuntimeWarning,
+            stacklevel=3,
         )
 
 
