@@ -1192,9 +1192,14 @@ def hessian_trace(
             values[-1].block_until_ready()
             report(min((c + 1) * chunk, num_samples))
     values = jnp.concatenate(values)[:num_samples]
+    return _trace_estimate(values)
+
+
+def _trace_estimate(values) -> HessianTrace:
+    """Hutchinson's mean over the probes' vᵀHv and its standard error (NaN for one probe)."""
     mean = jnp.mean(values)
-    if num_samples > 1:
-        stderr = jnp.std(values, ddof=1) / math.sqrt(num_samples)
+    if values.shape[0] > 1:
+        stderr = jnp.std(values, ddof=1) / math.sqrt(values.shape[0])
     else:
         stderr = jnp.full_like(mean, jnp.nan)
     return HessianTrace(mean, stderr)
@@ -1207,12 +1212,7 @@ def _trace_traced(loss_fn, loss_args, params, key, *, num_samples):
     values = jax.lax.map(
         lambda v: jnp.vdot(v, jax.jvp(jax.grad(f), (flat,), (v,))[1]), _rademacher(keys, flat)
     )
-    mean = jnp.mean(values)
-    if num_samples > 1:
-        stderr = jnp.std(values, ddof=1) / math.sqrt(num_samples)
-    else:
-        stderr = jnp.full_like(mean, jnp.nan)
-    return HessianTrace(mean, stderr)
+    return _trace_estimate(values)
 
 
 def sam_sharpness(

@@ -285,19 +285,14 @@ class Run(NamedTuple):
 
 
 def _read_json(path: Path):
-    if not path.is_file():
-        return None
+    from flatjax.training.metrics import read_json_object
+
     try:
-        with open(path) as f:
-            record = json.load(f)
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
+        return read_json_object(path)
     except ValueError as error:
         raise ValueError(
-            f"{path} is not readable JSON ({' '.join(str(error).split())}; empty or truncated?); "
-            "restore it, or train the run again with `flatjax train --restart`"
+            f"{error}; restore it, or train the run again with `flatjax train --restart`"
         ) from None
-    return record
 
 
 def load_run(run_dir: str | os.PathLike, name: str | None = None) -> Run:

@@ -43,7 +43,7 @@ import numpy as np
 from flatjax.training.checkpoint import Checkpointer
 from flatjax.training.config import plan_steps, validate_config
 from flatjax.training.evaluate import evaluate, evaluate_replicas
-from flatjax.training.metrics import MetricsWriter, plot_curves, read_metrics
+from flatjax.training.metrics import MetricsWriter, plot_curves, read_json_object, read_metrics
 from flatjax.training.state import create_train_state, eval_variables, info_field
 from flatjax.training.steps import NonFiniteError, check_finite, make_train_step
 
@@ -444,15 +444,9 @@ def _check_saved_config(workdir: str, config: ml_collections.ConfigDict) -> dict
     current = json.loads(config.to_json())
     if os.path.exists(path):
         try:
-            with open(path) as f:
-                saved = json.load(f)
-            if not isinstance(saved, dict):
-                raise ValueError("not a JSON object")
+            saved = read_json_object(path)
         except ValueError as error:
-            raise RunHistoryError(
-                f"{path} is not a readable config ({' '.join(str(error).split())}; empty or "
-                f"truncated?). Restore it, or {_restart_hint()}."
-            ) from None
+            raise RunHistoryError(f"{error}. Restore it, or {_restart_hint()}.") from None
         differ = [
             f"{k}: saved {_lookup(saved, k)!r}, now {_lookup(current, k)!r}"
             for k in STRUCTURAL_FIELDS

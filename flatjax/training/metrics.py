@@ -103,6 +103,26 @@ def tensorboard_tag(key: str) -> str:
     return f"optimizer/{key}"
 
 
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """A run file holding one JSON object (config.json, final.json, ...); ``None`` if absent.
+
+    Raises:
+      ValueError: the file is empty, truncated or not a JSON object (naming it).
+    """
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as error:
+        raise ValueError(
+            f"{path} is not readable JSON ({' '.join(str(error).split())}; empty or truncated?)"
+        ) from None
+    return record
+
+
 def _scalars(row: dict):
     for key, value in row.items():
         if isinstance(value, bool) or key == "step":
