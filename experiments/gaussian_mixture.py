@@ -73,26 +73,14 @@ def get_config(quick: bool) -> dict:
 def flat_estimators(num_steps: int) -> dict:
     """The flatness-maximising estimators; each takes (key, x, y, coupling=, bias=, num_points=)."""
     common = {"num_steps": num_steps, "batch_size": 64, "coupling_factor": COUPLING_FACTOR}
+    rsgd = functools.partial(theory.replicated_sgd_fit, num_replicas=5, **common)
+    esgd = functools.partial(theory.entropy_sgd_fit, inner_steps=5, inner_learning_rate=0.1,
+                             **common)
     return {
-        "rSGD logistic": functools.partial(
-            theory.replicated_sgd_fit, loss="logistic", num_replicas=5, learning_rate=0.1, **common
-        ),
-        "eSGD logistic": functools.partial(
-            theory.entropy_sgd_fit,
-            loss="logistic",
-            inner_steps=5,
-            learning_rate=1.0,
-            inner_learning_rate=0.1,
-            **common,
-        ),
-        "rSGD smoothed error": functools.partial(
-            theory.replicated_sgd_fit,
-            loss="error",
-            temperature=0.5,
-            num_replicas=5,
-            learning_rate=0.02,
-            **common,
-        ),
+        "rSGD logistic": functools.partial(rsgd, loss="logistic", learning_rate=0.1),
+        "eSGD logistic": functools.partial(esgd, loss="logistic", learning_rate=1.0),
+        "rSGD smoothed error": functools.partial(rsgd, loss="error", temperature=0.5,
+                                                 learning_rate=0.02),
     }
 
 
