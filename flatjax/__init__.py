@@ -41,7 +41,7 @@ from flatjax._replicate import (
 )
 
 # --- flatness measures ---
-from flatjax._flatness import (
+from flatjax.flatness import (
     HessianEigen,
     HessianTrace,
     LocalEnergy,

@@ -524,9 +524,9 @@ def test_nan_inputs_labels_out_of_range_and_nan_params_raise():
 
 
 def test_progress_lines_go_to_the_callable(monkeypatch):
-    from flatjax import _flatness
+    from flatjax.flatness import _progress
 
-    monkeypatch.setattr(_flatness, "_PROGRESS_EVERY", 0.0)  # a line at every step
+    monkeypatch.setattr(_progress, "_PROGRESS_EVERY", 0.0)  # a line at every step
     apply_fn, variables, x, y = _linear()
     loss = flatjax.dataset_loss(apply_fn, variables, (x, y), batch_size=16)
     params = variables["params"]
@@ -561,7 +561,7 @@ def test_progress_lines_go_to_the_callable(monkeypatch):
 
 
 def test_a_convolutional_network_is_recognised_for_the_chunk_heuristic():
-    from flatjax import _flatness
+    from flatjax.flatness import _chunks
 
     kernel = jnp.ones((3, 3, 1, 2))
     conv = lambda v, x: jnp.mean(
@@ -573,4 +573,4 @@ def test_a_convolutional_network_is_recognised_for_the_chunk_heuristic():
     apply_fn, variables, xs, ys = _linear()
     assert not flatjax.dataset_loss(apply_fn, variables, (xs, ys)).energy.has_conv
     if jax.default_backend() == "cpu":
-        assert _flatness._default_chunk_size(100, 10, 50, has_conv=True) == 1
+        assert _chunks._default_chunk_size(100, 10, 50, has_conv=True) == 1
