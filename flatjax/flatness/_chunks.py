@@ -22,7 +22,7 @@ def _num_params(params) -> int:
 def _default_chunk_size(
     num_params: int, examples_per_pass: int, total: int, has_conv: bool = False
 ) -> int:
-    """Draws evaluated together by one ``vmap``.
+    """Draws (or probes) evaluated together by one ``vmap``.
 
     Heuristic: a chunk's work per forward pass, ``chunk × params × batch``
     (≈ multiply-adds of a dense network), stays under 2²⁶ on CPU (larger

@@ -49,6 +49,38 @@ class LocalEnergy(NamedTuple):
     base: jnp.ndarray
 
 
+def _key_str(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _perturb_mask(params: Any, perturb: Any) -> tuple[bool, ...]:
+    """One bool per leaf of ``params`` (flatten order): perturb this leaf?"""
+    leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
+    paths = [tuple(_key_str(e) for e in path) for path, _ in leaves_with_path]
+    if perturb == "all":
+        mask = [True] * len(paths)
+    elif perturb == "no_bias_bn":
+        # Flax names biases and normalisation shifts "bias" and BatchNorm/LayerNorm
+        # gains "scale".
+        mask = [path[-1] not in ("bias", "scale") for path in paths]
+    elif callable(perturb):
+        mask = [
+            bool(perturb(path, leaf))
+            for path, (_, leaf) in zip(paths, leaves_with_path, strict=True)
+        ]
+    else:
+        raise ValueError(
+            f"perturb must be one of {_PERTURB_PRESETS} or a predicate "
+            f"(path: tuple[str, ...], leaf) -> bool, got {perturb!r}."
+        )
+    if not any(mask):
+        raise ValueError(f"perturb={perturb!r} selects no parameter to perturb.")
+    return tuple(mask)
+
+
 def _perturb(params, sigma, key, mask, noise):
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(key, len(leaves))
@@ -169,38 +201,6 @@ def _local_energy_run(
     finally:
         _ACTIVE_REPORTS.remove(report)
     return result
-
-
-def _key_str(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def _perturb_mask(params: Any, perturb: Any) -> tuple[bool, ...]:
-    """One bool per leaf of ``params`` (flatten order): perturb this leaf?"""
-    leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
-    paths = [tuple(_key_str(e) for e in path) for path, _ in leaves_with_path]
-    if perturb == "all":
-        mask = [True] * len(paths)
-    elif perturb == "no_bias_bn":
-        # Flax names biases and normalisation shifts "bias" and BatchNorm/LayerNorm
-        # gains "scale".
-        mask = [path[-1] not in ("bias", "scale") for path in paths]
-    elif callable(perturb):
-        mask = [
-            bool(perturb(path, leaf))
-            for path, (_, leaf) in zip(paths, leaves_with_path, strict=True)
-        ]
-    else:
-        raise ValueError(
-            f"perturb must be one of {_PERTURB_PRESETS} or a predicate "
-            f"(path: tuple[str, ...], leaf) -> bool, got {perturb!r}."
-        )
-    if not any(mask):
-        raise ValueError(f"perturb={perturb!r} selects no parameter to perturb.")
-    return tuple(mask)
 
 
 def _validate_local_energy_args(sigmas, key, num_draws, noise, chunk_size):
