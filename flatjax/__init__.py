@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 from flatjax._schedules import cosine_coupling, exponential_coupling, linear_coupling
 
 # --- Entropy-SGD ---
-from flatjax._entropy_sgd import (
+from flatjax._esgd import (
     EntropySGDState,
     entropy_sgd,
     entropy_sgd_aux,
@@ -26,7 +26,7 @@ from flatjax._entropy_sgd import (
 )
 
 # --- Replicated-SGD ---
-from flatjax._replicate import (
+from flatjax._rsgd import (
     ReplicateState,
     average_batch_stats,
     balanced_coupling,

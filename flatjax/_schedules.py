@@ -23,64 +23,24 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+
+from flatjax._validation import check_finite
 
 __all__ = ["exponential_coupling", "linear_coupling", "cosine_coupling"]
 
 
-def value_at_zero(schedule):
-    """``schedule(0)`` evaluated eagerly, for checks at construction time.
-
-    Optimizers are often built inside a jitted function; evaluating the
-    schedule under ``jax.ensure_compile_time_eval`` keeps the check concrete
-    there too. Returns ``None`` when the schedule itself closes over traced
-    values, where no eager check is possible.
-    """
-    with jax.ensure_compile_time_eval():
-        value = schedule(0)
-    if isinstance(value, jax.core.Tracer):
-        return None
-    return value
-
-
-def is_traced(x) -> bool:
-    """Whether ``x`` is a traced value (e.g. a hyperparameter injected by
-    ``optax.inject_hyperparams`` inside ``jit``): such values are checked
-    when they are concrete and otherwise left to run."""
-    return isinstance(x, jax.core.Tracer)
-
-
-def checkable(x, placeholder):
-    """``x`` as a Python number for eager checks, or ``placeholder`` if it is traced.
-
-    0-d concrete arrays become floats (so ``entropy_sgd(jnp.array(0.1))``
-    is checked like ``entropy_sgd(0.1)``); other values pass unchanged.
-    """
-    if is_traced(x):
-        return placeholder
-    if isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) == 0:
-        return float(x)
-    return x
-
-
-def _is_finite_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _check(init_value, total_steps, factor, max_value, steps_per_update) -> int:
     """Validates the shared arguments; returns the number of γ updates n."""
-    if not _is_finite_real(init_value) or not init_value > 0:
-        raise ValueError(f"init_value must be a finite positive number, got {init_value!r}.")
+    check_finite("init_value", init_value, strict=True)
     if not isinstance(total_steps, numbers.Integral) or total_steps < 1:
         raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}.")
-    if not _is_finite_real(factor) or not factor >= 1:
-        raise ValueError(f"factor must be a finite number >= 1, got {factor!r}.")
-    if max_value is not None and (not _is_finite_real(max_value) or not max_value > 0):
-        raise ValueError(f"max_value must be None or a positive number, got {max_value!r}.")
+    check_finite("factor", factor, minimum=1)
+    check_finite("max_value", max_value, strict=True, optional=True)
     if max_value is not None and max_value < init_value:
         # A cap below γ_0 would hold γ constant at the cap: no growth at all.
         raise ValueError(
@@ -97,22 +57,32 @@ def _check(init_value, total_steps, factor, max_value, steps_per_update) -> int:
     return int(total_steps) // int(steps_per_update)
 
 
-def _progress(count, total_steps: int, steps_per_update: int, num_updates: int):
-    """k/n in [0, 1]: the fraction of the n γ updates done by step ``count``."""
-    count = jnp.clip(jnp.asarray(count, jnp.int32), 0, total_steps)
-    return (count // steps_per_update).astype(jnp.float32) / num_updates
+def _growth_schedule(
+    growth: Callable[[jax.Array], jax.Array],
+    init_value: float,
+    total_steps: int,
+    factor: float,
+    max_value: float | None,
+    steps_per_update: int,
+) -> optax.Schedule:
+    """γ_t = min(γ_0 · growth(k/n), γ_max), k/n the fraction of the n γ updates done.
 
+    ``growth`` maps k/n in [0, 1] to the growth factor, 1 at 0 and ``factor`` at 1.
+    """
+    n = _check(init_value, total_steps, factor, max_value, steps_per_update)
 
-def _capped(value, max_value):
-    return value if max_value is None else jnp.minimum(value, max_value)
+    def schedule(count):
+        count = jnp.clip(jnp.asarray(count, jnp.int32), 0, total_steps)
+        progress = (count // steps_per_update).astype(jnp.float32) / n
+        value = init_value * growth(progress)
+        return value if max_value is None else jnp.minimum(value, max_value)
+
+    return schedule
 
 
 def exponential_coupling(
-    init_value: float,
-    total_steps: int,
-    factor: float = 1e4,
-    max_value: float | None = None,
-    steps_per_update: int = 1,
+    init_value: float, total_steps: int, factor: float = 1e4,
+    max_value: float | None = None, steps_per_update: int = 1,
 ) -> optax.Schedule:
     r"""Exponential growth of the coupling, the rule of the authors' code.
 
@@ -146,22 +116,15 @@ def exponential_coupling(
       Pittorino et al., ICLR 2021, arXiv:2006.07897;
       Chaudhari et al., ICLR 2017, arXiv:1611.01838 ("scoping").
     """
-    n = _check(init_value, total_steps, factor, max_value, steps_per_update)
-    log_factor = math.log(factor)
-
-    def schedule(count):
-        p = _progress(count, total_steps, steps_per_update, n)
-        return _capped(init_value * jnp.exp(log_factor * p), max_value)
-
-    return schedule
+    return _growth_schedule(
+        lambda p: jnp.exp(math.log(factor) * p),
+        init_value, total_steps, factor, max_value, steps_per_update,
+    )
 
 
 def linear_coupling(
-    init_value: float,
-    total_steps: int,
-    factor: float = 1e4,
-    max_value: float | None = None,
-    steps_per_update: int = 1,
+    init_value: float, total_steps: int, factor: float = 1e4,
+    max_value: float | None = None, steps_per_update: int = 1,
 ) -> optax.Schedule:
     r"""Linear growth of the coupling from γ_0 to γ_0 · ``factor``.
 
@@ -172,11 +135,8 @@ def linear_coupling(
     with k, n, γ_0, γ_max as in :func:`exponential_coupling`.
 
     Args:
-      init_value: γ_0 > 0, the coupling at step 0.
-      total_steps: T >= 1, the step at which γ reaches γ_0 · ``factor``.
-      factor: total growth factor >= 1.
-      max_value: optional cap γ_max >= γ_0.
-      steps_per_update: γ changes once every ``steps_per_update`` steps.
+      init_value, total_steps, factor, max_value, steps_per_update: as in
+        :func:`exponential_coupling`.
 
     Returns:
       An Optax schedule ``step -> γ`` (float32).
@@ -190,21 +150,15 @@ def linear_coupling(
     References:
       Pittorino et al., ICLR 2021, arXiv:2006.07897.
     """
-    n = _check(init_value, total_steps, factor, max_value, steps_per_update)
-
-    def schedule(count):
-        p = _progress(count, total_steps, steps_per_update, n)
-        return _capped(init_value * (1.0 + (factor - 1.0) * p), max_value)
-
-    return schedule
+    return _growth_schedule(
+        lambda p: 1.0 + (factor - 1.0) * p,
+        init_value, total_steps, factor, max_value, steps_per_update,
+    )
 
 
 def cosine_coupling(
-    init_value: float,
-    total_steps: int,
-    factor: float = 1e4,
-    max_value: float | None = None,
-    steps_per_update: int = 1,
+    init_value: float, total_steps: int, factor: float = 1e4,
+    max_value: float | None = None, steps_per_update: int = 1,
 ) -> optax.Schedule:
     r"""Cosine growth of the coupling from γ_0 to γ_0 · ``factor``.
 
@@ -217,11 +171,8 @@ def cosine_coupling(
     ends, fastest in the middle.
 
     Args:
-      init_value: γ_0 > 0, the coupling at step 0.
-      total_steps: T >= 1, the step at which γ reaches γ_0 · ``factor``.
-      factor: total growth factor >= 1.
-      max_value: optional cap γ_max >= γ_0.
-      steps_per_update: γ changes once every ``steps_per_update`` steps.
+      init_value, total_steps, factor, max_value, steps_per_update: as in
+        :func:`exponential_coupling`.
 
     Returns:
       An Optax schedule ``step -> γ`` (float32).
@@ -235,11 +186,7 @@ def cosine_coupling(
     References:
       Pittorino et al., ICLR 2021, arXiv:2006.07897.
     """
-    n = _check(init_value, total_steps, factor, max_value, steps_per_update)
-
-    def schedule(count):
-        p = _progress(count, total_steps, steps_per_update, n)
-        growth = 0.5 * (1.0 - jnp.cos(jnp.pi * p))
-        return _capped(init_value * (1.0 + (factor - 1.0) * growth), max_value)
-
-    return schedule
+    return _growth_schedule(
+        lambda p: 1.0 + (factor - 1.0) * (0.5 * (1.0 - jnp.cos(jnp.pi * p))),
+        init_value, total_steps, factor, max_value, steps_per_update,
+    )

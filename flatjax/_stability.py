@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flatjax._validation import check_interval, is_real
+
 __all__ = [
     "SGDProbe", "Measured", "measure", "probe_sgd", "stable_coupling", "stable_coupling_step",
     "learning_rate_at", "can_measure", "sgd_type", "clamp_coupling",
@@ -200,6 +202,7 @@ def stable_coupling_step(momentum, nesterov):
     """The largest a = ηγ at which the explicit coupling step is stable (table above).
 
     Python numbers give a float; arrays (a :class:`Measured`) give an array.
+    A Python momentum outside [0, 1) has no stable step: ``ValueError``.
 
     Example:
       >>> from flatjax._stability import stable_coupling_step
@@ -208,6 +211,8 @@ def stable_coupling_step(momentum, nesterov):
       >>> round(stable_coupling_step(0.9, True), 4)
       1.3571
     """
+    if is_real(momentum):
+        check_interval("momentum", momentum, "[0, 1)")
     heavy_ball = 2.0 * (1.0 + momentum)  # β = 0 gives plain SGD's 2 in both forms
     if isinstance(nesterov, bool):
         return heavy_ball / (1.0 + 2.0 * momentum) if nesterov else heavy_ball

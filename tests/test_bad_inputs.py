@@ -185,7 +185,7 @@ def _empty_dir():
 CASES = [
     # ---- coupling schedules: hyperparameter ranges
     Case("exponential_coupling-init_value<=0",
-         lambda: flatjax.exponential_coupling(0.0, 10), ValueError, r"init_value.*positive.*0\.0"),
+         lambda: flatjax.exponential_coupling(0.0, 10), ValueError, r"init_value.*> 0.*0\.0"),
     Case("exponential_coupling-init_value=nan",
          lambda: flatjax.exponential_coupling(float("nan"), 10), ValueError, r"init_value.*nan"),
     Case("linear_coupling-total_steps<1",
@@ -203,7 +203,7 @@ CASES = [
          r"max_value must be >= init_value = 1\.0.*got 0\.5"),
     Case("cosine_coupling-max_value<=0",
          lambda: flatjax.cosine_coupling(1.0, 10, max_value=-1.0), ValueError,
-         r"max_value.*positive.*-1\.0"),
+         r"max_value.*> 0.*-1\.0"),
     Case("exponential_coupling-steps_per_update>total_steps",
          lambda: flatjax.exponential_coupling(1.0, 10, steps_per_update=11), ValueError,
          r"steps_per_update.*\[1, 10\].*11"),

@@ -51,7 +51,7 @@ import numpy as np
 import optax
 
 import flatjax
-from flatjax import _replicate
+from flatjax._rsgd import _axis as _replicate
 from flatjax.models import get_model
 
 INPUT_SHAPES = {

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flatjax._entropy_sgd import entropy_sgd
-from flatjax._replicate import replica_center, replicate
+from flatjax._esgd import entropy_sgd
+from flatjax._rsgd import replica_center, replicate
 from flatjax._schedules import exponential_coupling
 from flatjax.theory._erm import LOSSES, margin_loss, smoothed_error
 from flatjax.theory._mixture import _check_count
