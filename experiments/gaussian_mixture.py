@@ -1,31 +1,30 @@
 """Gaussian mixture classification: flat estimators against ERM and Bayes-optimal.
 
-Pittorino et al. 2021, §5, after Baldassi et al., J. Stat. Mech. 2020.
-For Δ = 1 and α = P/N on a grid, every estimator is fitted on
+Pittorino et al. 2021, §5, after Baldassi, Malatesta, Negri, Zecchina,
+J. Stat. Mech. 2020 (arXiv 2010.14761). Every estimator is fitted on
 P = αN points in dimension N and scored by its EXACT test error
-``flatjax.theory.generalization_error`` (no test set). Two cases: balanced
-clusters without bias (ρ = ½) and unbalanced clusters with a bias (ρ = ¼).
+``flatjax.theory.generalization_error`` (no test set). Balanced clusters
+(ρ = ½) are fitted without bias, unbalanced ones (ρ ≠ ½) with a bias.
 
-Estimators (all on the same training set of each seed):
-  * Bayes-optimal: Hebbian direction, plug-in bias (``bayes_optimal_classifier``);
-  * ERM square / logistic with λ = 0, and max-margin (hinge, λ → 0⁺, only
-    where the training set is separable, i.e. where logistic ERM reaches zero
-    training error);
-  * ERM square / logistic / hinge with λ chosen on a held-out 25 % of the
-    training data from RIDGES, then refitted on all of it;
-  * ERM square with the oracle λ (chosen on the exact test error; a reference
-    curve, labelled as such);
-  * rSGD and eSGD (flatjax's optimizers) on the logistic loss without ridge,
-    and rSGD on the smoothed error-counting loss (norm-free, τ = 0.5): their
-    coupling γ_0 is chosen on the same validation split from COUPLINGS (the
-    same number of candidates as the ridge grid), then refitted on all data.
+Three runs (Δ, ρ, N, the α grid and the seeds are options):
 
-Flatness: the local energy δE(σ) of the training error (and of the logistic
-loss) under multiplicative weight noise, in closed form
-(``classifier_local_energy``), for every solution; Kendall τ between δE and
-ε_g across the solutions at each α.
+* default, the paired study: on each training set, the Bayes plug-in
+  (Hebbian direction, plug-in threshold), ERM square / logistic / hinge at
+  λ = 0 and with λ chosen on a held-out 25 % (with ρ ≠ ½ also with the bias
+  refitted apart, ``fit_bias`` on the held-out part), the fixed-norm square
+  loss and its fixed-distance replicas, and the error-counting flat
+  estimators: the shell centre of least local energy at overlap q
+  (``fixed_distance_error_fit``, infinitely many replicas) and the replicated
+  scheme with y optimised replicas (``fixed_distance_replicated_error``), with
+  the controls y, run length and distance. For every solution, the local energy
+  δE(σ) of the training error under w → w + σ‖w‖/√N z (closed form), and along
+  the paths from ERM solutions to the Bayes direction. Writes study_rho<ρ>.*;
+* ``--fixed-norm``: the fixed-norm square loss over R and fixed-overlap
+  replicas against the plug-in rule (fixed_norm_rho<ρ>.*);
+* ``--sgd``: rSGD / eSGD on the linear model with γ_0 validated, N = 500
+  (results.md, raw_<case>.json; about 70 min).
 
-Run: ``.venv/bin/python -m experiments.gaussian_mixture [--quick]``.
+Run: ``.venv/bin/python -m experiments.gaussian_mixture --rho 0.25 --seeds 16``.
 """
 
 from __future__ import annotations
@@ -416,6 +415,336 @@ def fixed_norm_sweep(args, out, command):
     print("\n".join(lines), flush=True)
 
 
+# ----------------------------------------------------------------------------
+# Paired study: every estimator on the same training sets, against ε_BO.
+
+STUDY_RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+SIGMA_GRID = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+PATH_TS = (0.0, 0.25, 0.5, 0.75, 1.0)
+PATH_SOURCES = ("ERM square λ=0", "ERM logistic λ=0", "ERM hinge λ→0", "ERM square ridge (val.)")
+REFERENCE = "Bayes plug-in (Hebbian)"
+
+
+def _unit_pair(w, b):
+    w, b = np.asarray(w, np.float64), float(b)
+    n = np.linalg.norm(w)
+    return w / n, b / n
+
+
+def held_out_bias(w, x, y, fit, val, fit_w):
+    """b for w: the LDA threshold (``fit_bias``) of fit_w(x[fit], y[fit]) on the held-out split."""
+    w_fit = np.asarray(fit_w(x[fit], y[fit]), np.float64)
+    b_val = float(theory.fit_bias(w_fit, x[val], y[val]))
+    return b_val * float(np.linalg.norm(w)) / float(np.linalg.norm(w_fit))
+
+
+def study_solutions(prob, args, bias: bool) -> dict:
+    """name -> (w, b, info) for every estimator of one training set."""
+    x, y, fit, val, key = prob["x"], prob["y"], prob["fit"], prob["val"], prob["key"]
+    out = {REFERENCE: (*theory.bayes_optimal_classifier(x, y, delta=args.delta, rho=args.rho), {})}
+    if bias:
+        w = theory.hebbian(x, y)
+        out["Hebbian + held-out bias"] = (w, held_out_bias(w, x, y, fit, val, theory.hebbian), {})
+    for loss, name in (("square", "ERM square λ=0"), ("logistic", "ERM logistic λ=0"),
+                       ("hinge", "ERM hinge λ→0")):
+        out[name] = (*theory.erm(x, y, loss=loss, ridge=0.0, bias=bias), {})
+    for loss in ("square", "logistic", "hinge"):
+        w, b, lam = theory.select_ridge(key, x, y, loss=loss, ridges=STUDY_RIDGES, bias=bias,
+                                        validation_fraction=VALIDATION_FRACTION)
+        out[f"ERM {loss} ridge (val.)"] = (w, b, {"ridge": lam})
+        if bias:
+            b2 = held_out_bias(w, x, y, fit, val, lambda xf, yf, loss=loss, lam=lam: theory.erm(
+                xf, yf, loss=loss, ridge=lam, bias=True)[0])
+            out[f"ERM {loss} ridge (val.) + held-out bias"] = (w, b2, {"ridge": lam})
+    for r in args.radii:
+        out[f"fixed-norm MSE R={r:g}"] = (*theory.fixed_norm_mse(x, y, r, bias=bias), {})
+    for q in args.overlaps:
+        out[f"replicated MSE R={args.rep_radius:g} q={q:g} y={args.replicas}"] = (
+            *theory.fixed_distance_replicated_mse(x, y, args.rep_radius, q,
+                                                  num_replicas=args.replicas, bias=bias,
+                                                  num_steps=args.steps, seed=prob["seed"]), {})
+    k_shell, k_rep = jax.random.split(jax.random.fold_in(key, 7))
+    for q in args.shell_overlaps:
+        shell = lambda xf, yf, q=q, n=args.fit_steps: theory.fixed_distance_error_fit(
+            k_shell, xf, yf, q, bias=bias, num_steps=n)
+        w, b = shell(x, y)
+        out[f"shell q={q:g} (y=∞)"] = (w, b, {})
+        if bias:
+            out[f"shell q={q:g} (y=∞) + held-out bias"] = (
+                w, held_out_bias(w, x, y, fit, val, lambda xf, yf: shell(xf, yf)[0]), {})
+    for n in args.run_lengths:
+        q = args.shell_overlaps[len(args.shell_overlaps) // 2]
+        out[f"shell q={q:g} (y=∞) T={n}"] = (*theory.fixed_distance_error_fit(
+            k_shell, x, y, q, bias=bias, num_steps=n), {})
+    for q in args.rep_overlaps:
+        for y_rep in args.rep_replicas:
+            out[f"replicated error q={q:g} y={y_rep}"] = (*theory.fixed_distance_replicated_error(
+                k_rep, x, y, q, num_replicas=y_rep, temperature=args.temperature, bias=bias,
+                num_steps=args.fit_steps), {})
+    q, y_rep = args.rep_overlaps[len(args.rep_overlaps) // 2], args.rep_replicas[0]
+    for n in args.run_lengths:
+        out[f"replicated error q={q:g} y={y_rep} T={n}"] = (
+            *theory.fixed_distance_replicated_error(k_rep, x, y, q, num_replicas=y_rep,
+                                                    temperature=args.temperature, bias=bias,
+                                                    num_steps=n), {})
+    return out
+
+
+def study_measure(prob, w, b, args) -> dict:
+    x, y = prob["x"], prob["y"]
+    w = jnp.asarray(w, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    if not (bool(jnp.all(jnp.isfinite(w))) and bool(jnp.isfinite(b))):
+        return {"eps_g": float("nan")}
+    return {
+        "eps_g": float(theory.generalization_error(w, b, prob["v"], delta=args.delta,
+                                                   rho=args.rho)),
+        "train_error": err(x, y, w, b),
+        "delta_e": [float(e) for e in theory.classifier_local_energy(
+            w, b, x, y, SIGMA_GRID, energy="error", noise="relative")],
+    }
+
+
+def paired_study(args, out, command):
+    """All estimators paired on the same data; local energies; ERM → Bayes interpolation paths."""
+    start = time.time()
+    bias = args.rho != 0.5
+    records, paths = [], []
+    for ai, alpha in enumerate(args.alphas):
+        for seed in range(args.seeds):
+            key = jax.random.fold_in(jax.random.key(seed), ai)
+            k_data, k_split = jax.random.split(key)
+            data = theory.gaussian_mixture(k_data, args.dim, alpha, delta=args.delta, rho=args.rho)
+            x, y = np.asarray(data.x), np.asarray(data.y)
+            fit, val = theory.train_validation_split(k_split, x.shape[0], VALIDATION_FRACTION)
+            prob = {"x": x, "y": y, "v": data.v, "fit": fit, "val": val, "key": k_split,
+                    "seed": seed}
+            sols = study_solutions(prob, args, bias)
+            for name, (w, b, info) in sols.items():
+                records.append({"alpha": alpha, "seed": seed, "estimator": name, **info,
+                                **study_measure(prob, w, b, args)})
+            w1, b1 = _unit_pair(*sols[REFERENCE][:2])
+            for src in PATH_SOURCES:
+                w0, b0 = _unit_pair(*sols[src][:2])
+                for t in PATH_TS:
+                    paths.append({"alpha": alpha, "seed": seed, "source": src, "t": t,
+                                  **study_measure(prob, (1 - t) * w0 + t * w1,
+                                                  (1 - t) * b0 + t * b1, args)})
+        print(f"[{time.time() - start:5.0f}s] alpha={alpha}", flush=True)
+    bo = {str(a): theory.bayes_optimal_error(a, args.delta, args.rho) for a in args.alphas}
+    config = {"dim": args.dim, "seeds": args.seeds, "delta": args.delta, "rho": args.rho,
+              "bias": bias, "alphas": list(args.alphas), "ridges": STUDY_RIDGES,
+              "sigmas": SIGMA_GRID, "path_ts": PATH_TS, "steps": args.steps,
+              "fit_steps": args.fit_steps,
+              "temperature": args.temperature, "validation_fraction": VALIDATION_FRACTION}
+    result = {"command": command, "wall_seconds": time.time() - start, "config": config,
+              "bayes_optimal": bo, "records": records, "paths": paths}
+    tag = f"study_rho{args.rho:g}"
+    (out / f"{tag}.json").write_text(json.dumps(result, indent=0))
+    (out / f"{tag}.md").write_text(study_markdown(result))
+    study_plots(result, out / f"{tag}.png")
+    print(f"wrote {out / tag}.md ({time.time() - start:.0f} s)", flush=True)
+
+
+def _mean_se(a):
+    a = np.asarray(a, np.float64)
+    a = a[np.isfinite(a)]
+    if a.size == 0:
+        return float("nan"), float("nan")
+    return float(a.mean()), float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else float("nan")
+
+
+def _paired(records, alpha, name, ref=REFERENCE, key="eps_g"):
+    """Per-seed values of ``name`` and their differences from ``ref`` on the same seed."""
+    by = {(r["seed"], r["estimator"]): r for r in records if r["alpha"] == alpha}
+    seeds = sorted({s for s, n in by if n == name})
+    vals = np.array([by[(s, name)][key] for s in seeds])
+    diffs = np.array([by[(s, name)][key] - by[(s, ref)][key] for s in seeds])
+    return vals, diffs
+
+
+def study_summary(result) -> dict:
+    """Tables: ε_g and paired differences; flatness ranks and correlations; paths."""
+    recs, cfg = result["records"], result["config"]
+    names = list(dict.fromkeys(r["estimator"] for r in recs))
+    table = []
+    for a in cfg["alphas"]:
+        bo = result["bayes_optimal"][str(a)]
+        for n in names:
+            vals, diffs = _paired(recs, a, n)
+            le = [r["delta_e"][SIGMA_GRID.index(0.5)] for r in recs
+                  if r["alpha"] == a and r["estimator"] == n and "delta_e" in r]
+            noisy = [r["train_error"] + r["delta_e"][SIGMA_GRID.index(0.5)] for r in recs
+                     if r["alpha"] == a and r["estimator"] == n and "delta_e" in r]
+            table.append({"alpha": a, "estimator": n, "eg": _mean_se(vals),
+                          "vs_plugin": _mean_se(diffs), "vs_bo": _mean_se(vals - bo),
+                          "delta_e_0.5": _mean_se(le), "noisy_0.5": _mean_se(noisy),
+                          "train": _mean_se([r.get("train_error", np.nan) for r in recs
+                                             if r["alpha"] == a and r["estimator"] == n])})
+    flat = []
+    for a in cfg["alphas"]:
+        for k, s in enumerate(SIGMA_GRID):
+            ranks, noisy_ranks, taus, best = [], [], [], []
+            for seed in range(cfg["seeds"]):
+                rs = [r for r in recs if r["alpha"] == a and r["seed"] == seed and "delta_e" in r]
+                le = np.array([r["delta_e"][k] for r in rs])
+                noisy = le + np.array([r["train_error"] for r in rs])
+                eg = np.array([r["eps_g"] for r in rs])
+                i_ref = [r["estimator"] for r in rs].index(REFERENCE)
+                ranks.append(1 + int(np.sum(le < le[i_ref] - 1e-12)))
+                noisy_ranks.append(1 + int(np.sum(noisy < noisy[i_ref] - 1e-12)))
+                taus.append(stats.kendalltau(le, eg)[0])
+                best.append(rs[int(np.argmin(le))]["estimator"])
+            top = max(set(best), key=best.count)
+            flat.append({"alpha": a, "sigma": s, "rank": _mean_se(ranks), "n": len(rs),
+                         "noisy_rank": _mean_se(noisy_ranks),
+                         "tau": _mean_se(taus), "flattest": top,
+                         "flattest_share": best.count(top) / len(best)})
+    path_rows = []
+    for a in cfg["alphas"]:
+        for src in PATH_SOURCES:
+            ps = [p for p in result["paths"] if p["alpha"] == a and p["source"] == src]
+            row = {"alpha": a, "source": src}
+            for k, s in enumerate(SIGMA_GRID):
+                curves = np.array([[p["delta_e"][k] for p in ps if p["seed"] == seed]
+                                   for seed in range(cfg["seeds"])])
+                row[f"delta_e_{s:g}"] = [_mean_se(c) for c in curves.T]
+                row[f"monotone_{s:g}"] = float(np.mean(np.all(np.diff(curves, axis=1) <= 1e-9,
+                                                              axis=1)))
+            eg = np.array([[p["eps_g"] for p in ps if p["seed"] == seed]
+                           for seed in range(cfg["seeds"])])
+            row["eps_g"] = [_mean_se(c) for c in eg.T]
+            path_rows.append(row)
+    return {"table": table, "flat": flat, "paths": path_rows}
+
+
+def study_markdown(result) -> str:
+    cfg, s = result["config"], study_summary(result)
+    f = lambda m: f"{m[0]:.4f} ± {m[1]:.4f}"
+    fs = lambda m: f"{m[0]:+.4f} ± {m[1]:.4f}"
+    lines = [f"# Paired study, ρ = {cfg['rho']:g} (bias fitted: {cfg['bias']}), Δ = "
+             f"{cfg['delta']:g}, N = {cfg['dim']}, {cfg['seeds']} seeds", "",
+             f"`{result['command']}` ({result['wall_seconds']:.0f} s)", "",
+             "ε_g: exact test error; differences are paired (same training set) and given as "
+             "mean ± one standard error over seeds. 'vs plug-in' is ε_g − ε_g(Bayes plug-in "
+             "(Hebbian)) on the same data; 'vs ε_BO' is ε_g − ε_BO(α) (N → ∞). δE(0.5): local "
+             "energy of the training error under w → w + σ‖w‖/√N z (b fixed) at σ = 0.5. "
+             f"Ridge λ chosen on a held-out {VALIDATION_FRACTION:.0%} from "
+             f"{list(STUDY_RIDGES)}; 'held-out bias': the two-Gaussian threshold (fit_bias) of "
+             "the direction fitted on the other 75 %, measured on the held-out 25 %.", "",
+             "E(0.5) = train error + δE(0.5), the mean training error of the perturbed "
+             "classifiers.", "",
+             "| α | ε_BO | estimator | ε_g | vs plug-in | vs ε_BO | δE(0.5) | E(0.5) | train err |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in s["table"]:
+        lines.append(f"| {r['alpha']:g} | {result['bayes_optimal'][str(r['alpha'])]:.4f} | "
+                     f"{r['estimator']} | {f(r['eg'])} | {fs(r['vs_plugin'])} | "
+                     f"{fs(r['vs_bo'])} | {f(r['delta_e_0.5'])} | {r['noisy_0.5'][0]:.4f} | "
+                     f"{r['train'][0]:.3f} |")
+    lines += ["", "## Flatness: is the Bayes plug-in the flattest solution?", "",
+              "Rank of the Bayes plug-in's δE(σ) among all the solutions of one training set "
+              "(1 = flattest), Kendall τ between δE(σ) and ε_g across the solutions of one "
+              "training set (both mean ± se over seeds), and the most frequent flattest "
+              "solution (share of seeds).", "",
+              "| α | σ | rank of plug-in by δE (of n) | rank by E(σ) | Kendall τ(δE, ε_g) | "
+              "flattest by δE (share) |",
+              "|---|---|---|---|---|---|"]
+    for r in s["flat"]:
+        lines.append(f"| {r['alpha']:g} | {r['sigma']:g} | {r['rank'][0]:.1f} ± "
+                     f"{r['rank'][1]:.1f} (of {r['n']}) | {r['noisy_rank'][0]:.1f} ± "
+                     f"{r['noisy_rank'][1]:.1f} | {r['tau'][0]:+.2f} ± "
+                     f"{r['tau'][1]:.2f} | {r['flattest']} ({r['flattest_share']:.0%}) |")
+    lines += ["", "## Interpolation paths ŵ(t) ∝ (1 − t) ŵ_ERM + t ŵ_plug-in", "",
+              "Directions and biases normalised by ‖w‖ before mixing. δE(σ) and ε_g at "
+              f"t = {list(PATH_TS)} (mean ± se); 'monotone': share of seeds whose δE never "
+              "rises along the path.", "",
+              "| α | from | σ | δE along t | monotone | ε_g along t |", "|---|---|---|---|---|---|"]
+    for r in s["paths"]:
+        for sg in (0.2, 0.5, 1.0, 2.0):
+            de = ", ".join(f"{m:.4f}" for m, _ in r[f"delta_e_{sg:g}"])
+            eg = ", ".join(f"{m:.4f}" for m, _ in r["eps_g"]) if sg == 0.2 else ""
+            lines.append(f"| {r['alpha']:g} | {r['source']} | {sg:g} | {de} | "
+                         f"{r[f'monotone_{sg:g}']:.0%} | {eg} |")
+    return "\n".join(lines) + "\n"
+
+
+def study_plots(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg, recs = result["config"], result["records"]
+    s = study_summary(result)
+    names = list(dict.fromkeys(r["estimator"] for r in recs))
+    main_names = [n for n in names if n.startswith(("ERM", "Hebbian", "shell q=0.1 (y=∞)",
+                                                   "shell q=0.5 (y=∞)", "shell q=0.9 (y=∞)"))
+                  and "T=" not in n]
+    fig, ax = plt.subplots(2, 2, figsize=(13, 9))
+    cmap = plt.get_cmap("tab20")
+    for i, n in enumerate(main_names):
+        rows = [r for r in s["table"] if r["estimator"] == n]
+        a = [r["alpha"] for r in rows]
+        ax[0, 0].errorbar(a, [r["vs_plugin"][0] for r in rows],
+                          yerr=[r["vs_plugin"][1] for r in rows], marker="os^Dv<>"[i % 7],
+                          capsize=2, color=cmap(i % 20), label=n)
+    ax[0, 0].axhline(0, color="k")
+    ax[0, 0].set(xscale="log", xlabel="α", ylabel="ε_g − ε_g(Bayes plug-in), paired",
+                 title=f"ρ = {cfg['rho']:g}, N = {cfg['dim']}, {cfg['seeds']} seeds")
+    ax[0, 0].set_yscale("symlog", linthresh=0.003)
+    ax[0, 0].legend(fontsize=6)
+    a_mid = cfg["alphas"][len(cfg["alphas"]) // 2]
+    for kind, style in (("shell", "-"), ("replicated error", "--")):
+        groups = {}
+        for r in s["table"]:
+            n = r["estimator"]
+            if r["alpha"] != a_mid or not n.startswith(kind) or "T=" in n:
+                continue
+            if ("held-out" in n) != (cfg["bias"] and kind == "shell"):
+                continue  # with a bias: the shell centre with its held-out bias
+            q = float(n.split("q=")[1].split()[0])
+            label = ("y=∞ (shell)" + (", held-out bias" if cfg["bias"] else "")
+                     if kind == "shell" else n.split()[-1])
+            groups.setdefault(label, []).append((q, *r["vs_plugin"]))
+        for label, pts in groups.items():
+            q, m, e = np.array(sorted(pts)).T
+            ax[0, 1].errorbar(q, m, yerr=e, ls=style, marker="o", capsize=2, label=label)
+    ax[0, 1].axhline(0, color="k")
+    ax[0, 1].set(xlabel="overlap q with the centre (distance √(2(1−q)))",
+                 ylabel="ε_g − ε_g(plug-in), paired",
+                 title=f"error-counting flatness, α = {a_mid:g}")
+    ax[0, 1].legend(fontsize=7)
+    for i, n in enumerate([REFERENCE, *PATH_SOURCES, "shell q=0.1 (y=∞)", "shell q=0.9 (y=∞)",
+                           f"replicated error q={cfg_q(names)}"]):
+        rs = [r for r in recs if r["alpha"] == a_mid and r["estimator"].startswith(n)
+              and "delta_e" in r and "T=" not in r["estimator"]
+              and "held-out" not in r["estimator"]]
+        if not rs:
+            continue
+        d = np.array([r["delta_e"] for r in rs if r["estimator"] == rs[0]["estimator"]])
+        ax[1, 0].errorbar(SIGMA_GRID, d.mean(0), yerr=d.std(0, ddof=1) / np.sqrt(len(d)),
+                          marker="o", capsize=2, label=rs[0]["estimator"], color=cmap(i % 20))
+    ax[1, 0].set(xlabel="σ (w → w + σ‖w‖/√N z)", ylabel="local energy δE of the training error",
+                 title=f"α = {a_mid:g}")
+    ax[1, 0].legend(fontsize=6)
+    for r in [r for r in s["paths"] if r["alpha"] == a_mid]:
+        m = [v[0] for v in r["delta_e_0.5"]]
+        e = [v[1] for v in r["delta_e_0.5"]]
+        ax[1, 1].errorbar(PATH_TS, m, yerr=e, marker="o", capsize=2, label=r["source"])
+    ax[1, 1].set(xlabel="t (0: ERM, 1: Bayes plug-in)", ylabel="δE(σ = 0.5)",
+                 title=f"interpolation paths, α = {a_mid:g}")
+    ax[1, 1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def cfg_q(names):
+    """The first replicated-error estimator's 'q=… y=…' label (for the σ plot)."""
+    reps = [n for n in names if n.startswith("replicated error") and "T=" not in n]
+    return reps[0].split("q=")[1] if reps else "none"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
@@ -431,8 +760,19 @@ def main(argv=None):
     parser.add_argument("--overlaps", type=float, nargs="+", default=[0.9, 0.5, 0.2])
     parser.add_argument("--replicas", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--shell-overlaps", type=float, nargs="+",
+                        default=[0.9, 0.7, 0.5, 0.3, 0.1])
+    parser.add_argument("--rep-overlaps", type=float, nargs="+", default=[0.9, 0.5, 0.2])
+    parser.add_argument("--rep-replicas", type=int, nargs="+", default=[1, 3, 10])
+    parser.add_argument("--run-lengths", type=int, nargs="+", default=[50, 2000])
+    parser.add_argument("--fit-steps", type=int, default=500,
+                        help="Adam steps of the error-counting flat estimators")
+    parser.add_argument("--temperature", type=float, default=0.1,
+                        help="τ of the smoothed error of the replicated error-counting scheme")
+    parser.add_argument("--sgd", action="store_true",
+                        help="the rSGD/eSGD study (N = 500, γ_0 validated; about 70 min)")
     parser.add_argument("--case", choices=[*CASES, "all"], default="all",
-                        help="run one case (two processes can share the work)")
+                        help="with --sgd: run one case (two processes can share the work)")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
     cfg = get_config(args.quick)
@@ -441,6 +781,9 @@ def main(argv=None):
     command = " ".join(["python -m experiments.gaussian_mixture", *map(shlex.quote, sys.argv[1:])])
     if args.fixed_norm:
         fixed_norm_sweep(args, out, command)
+        return
+    if not args.sgd:
+        paired_study(args, out, command)
         return
     cases = list(CASES) if args.case == "all" else [args.case]
     for case in cases:

@@ -71,6 +71,10 @@ def test_errors_are_invariant_to_positive_rescaling(scale):
     le = theory.classifier_local_energy(w, b, data.x, data.y, [0.1, 0.3])
     le_scaled = theory.classifier_local_energy(scale * w, scale * b, data.x, data.y, [0.1, 0.3])
     np.testing.assert_allclose(le_scaled, le, atol=1e-5)
+    le = theory.classifier_local_energy(w, b, data.x, data.y, [0.5, 2.0], noise="relative")
+    le_scaled = theory.classifier_local_energy(scale * w, scale * b, data.x, data.y, [0.5, 2.0],
+                                               noise="relative")
+    np.testing.assert_allclose(le_scaled, le, atol=1e-5)
     p = {"w": w, "b": jnp.asarray(b)}
     ps = {"w": scale * w, "b": jnp.asarray(scale * b)}
     assert float(theory.smoothed_error(ps, data.x, data.y, 0.5)) == pytest.approx(
@@ -140,7 +144,7 @@ def test_data_are_deterministic_by_key():
 
 
 @pytest.mark.parametrize("energy", ["error", "logistic", "square", "hinge"])
-@pytest.mark.parametrize("noise", ["multiplicative", "additive"])
+@pytest.mark.parametrize("noise", ["multiplicative", "additive", "relative"])
 def test_local_energy_matches_monte_carlo(energy, noise):
     data = theory.gaussian_mixture(jax.random.key(0), dim=10, alpha=3.0, rho=0.4)
     w = theory.hebbian(data.x, data.y)
@@ -152,6 +156,9 @@ def test_local_energy_matches_monte_carlo(energy, noise):
     zb = jax.random.normal(kb, (draws,))
     if noise == "multiplicative":
         ws, bs = w * (1 + sigma * zw), b * (1 + sigma * zb)
+    elif noise == "relative":  # w + σ‖w‖/√N z, the bias left alone
+        ws = w + sigma * jnp.linalg.norm(w) / math.sqrt(w.shape[0]) * zw
+        bs = jnp.full(draws, b)
     else:
         ws, bs = w + sigma * zw, b + sigma * zb
     margins = data.y * (ws @ data.x.T + bs[:, None])
@@ -408,3 +415,128 @@ def test_fixed_norm_inputs_and_error_checks():
         theory.generalization_error(np.array([np.nan, 1.0]), 0.0, np.array([1.0, 0.0]))
     with pytest.raises(ValueError, match="w holds NaN"):
         theory.training_error(np.array([np.nan, 1.0]), 0.0, x, y)
+
+
+# ---- ridge limits, the separately fitted bias, and the flatness of the error count
+
+
+def test_erm_square_vanishing_ridge_is_least_squares():
+    rng = np.random.default_rng(11)
+    for p in (30, 6):  # over- and under-determined: least squares, then its minimum norm
+        x = rng.normal(size=(p, 12))
+        y = np.sign(rng.normal(size=p))
+        w, _ = theory.erm(x, y, loss="square", ridge=1e-9)
+        np.testing.assert_allclose(np.asarray(w), np.linalg.pinv(x) @ y, rtol=1e-3, atol=1e-4)
+
+
+def test_erm_logistic_large_ridge_is_the_hebbian_over_two_lambda():
+    # (1/P) Σ softplus(−y w·x) + (λ/2)‖w‖²: at m → 0, σ(−m) = 1/2 and w = hebbian / (2λ).
+    data = theory.gaussian_mixture(jax.random.key(2), dim=10, alpha=2.0, delta=0.6)
+    lam = 300.0
+    w, _ = theory.erm(data.x, data.y, loss="logistic", ridge=lam)
+    expected = np.asarray(theory.hebbian(data.x, data.y)) / (2 * lam)
+    np.testing.assert_allclose(np.asarray(w), expected, rtol=2e-2, atol=1e-6)
+
+
+def test_fit_bias_is_the_bayes_threshold_on_the_cluster_direction():
+    delta, rho = 0.7, 0.2
+    v = np.eye(6)[0]
+    x, y = theory.sample_mixture(jax.random.key(3), v, 40_000, delta=delta, rho=rho)
+    b = float(theory.fit_bias(3.0 * v, x, y))  # ‖w‖ = 3: the bias scales with it
+    assert b / 3.0 == pytest.approx(theory.bayes_optimal_bias(1.0, delta, rho), abs=0.03)
+    # symmetric balanced data: the midpoint
+    x2 = np.concatenate([np.asarray(x[:50]), -np.asarray(x[:50])])
+    y2 = np.concatenate([np.asarray(y[:50]), -np.asarray(y[:50])])
+    assert float(theory.fit_bias(v, x2, y2)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fixed_distance_local_energy_matches_sampled_shell():
+    data = theory.gaussian_mixture(jax.random.key(4), dim=40, alpha=2.0, delta=0.8, rho=0.35)
+    x, y = data.x, data.y
+    w = theory.hebbian(x, y)
+    u = w / jnp.linalg.norm(w)
+    q, tau, b, draws = 0.6, 0.3, 0.2, 3_000
+    g = jax.random.normal(jax.random.key(5), (draws, 40))
+    t = g - (g @ u)[:, None] * u
+    t = t / jnp.linalg.norm(t, axis=1, keepdims=True)
+    reps = q * u + math.sqrt(1 - q * q) * t  # uniform on the shell of overlap q
+    per = jnp.mean(theory.gaussian_tail(y * (reps @ x.T + b) / tau), axis=1)
+    exact = float(theory.fixed_distance_local_energy(5.0 * w, b, x, y, q, temperature=tau))
+    # Monte Carlo error, plus the Gaussian law of t·x at N = 40
+    assert exact == pytest.approx(float(per.mean()), abs=4 * float(per.std()) / math.sqrt(draws)
+                                  + 3e-3)
+
+
+def test_fixed_distance_local_energy_at_overlap_one_is_the_smoothed_error():
+    data = theory.gaussian_mixture(jax.random.key(4), dim=15, alpha=2.0, rho=0.35)
+    w = theory.hebbian(data.x, data.y)
+    b = 0.3
+    # the shell's bias belongs to the unit centre; smoothed_error normalises (w, b) by ‖w‖
+    shell = theory.fixed_distance_local_energy(w, b, data.x, data.y, 1.0, temperature=0.4)
+    p = {"w": w, "b": jnp.asarray(b * jnp.linalg.norm(w))}
+    assert float(shell) == pytest.approx(float(theory.smoothed_error(p, data.x, data.y, 0.4)),
+                                         abs=1e-6)
+
+
+def test_far_shell_centre_is_the_hebbian_direction():
+    # q → 0: every term is linear in the margins; the minimiser is the Hebbian direction.
+    data = theory.gaussian_mixture(jax.random.key(6), dim=25, alpha=3.0, delta=1.3)
+    w, b = theory.fixed_distance_error_fit(jax.random.key(7), data.x, data.y, 0.05,
+                                           num_steps=400, learning_rate=0.05)
+    h = theory.hebbian(data.x, data.y)
+    assert float(b) == 0.0 and float(jnp.linalg.norm(w)) == pytest.approx(1.0, abs=1e-5)
+    assert float(w @ h / jnp.linalg.norm(h)) > 0.995
+
+
+def test_replicated_error_at_overlap_one_is_the_shell_fit():
+    data = theory.gaussian_mixture(jax.random.key(8), dim=12, alpha=3.0, rho=0.4)
+    init = theory.hebbian(data.x, data.y) + 0.3
+    kw = {"temperature": 0.25, "bias": True, "num_steps": 120, "init": init}
+    w1, b1 = theory.fixed_distance_error_fit(jax.random.key(0), data.x, data.y, 1.0, **kw)
+    w2, b2 = theory.fixed_distance_replicated_error(jax.random.key(1), data.x, data.y, 1.0,
+                                                    num_replicas=2, **kw)
+    np.testing.assert_allclose(np.asarray(w2), np.asarray(w1), atol=1e-5)
+    assert float(b2) == pytest.approx(float(b1), abs=1e-5)
+
+
+def test_one_replica_reaches_the_sphere_minimum_of_the_smoothed_error():
+    # y = 1: the centre is free, so the replica alone minimises E_τ on the sphere.
+    data = theory.gaussian_mixture(jax.random.key(9), dim=12, alpha=3.0)
+    tau = 0.5
+    h = theory.hebbian(data.x, data.y)
+    _, _, reps = theory.fixed_distance_replicated_error(
+        jax.random.key(2), data.x, data.y, 0.5, num_replicas=1, temperature=tau, num_steps=600,
+        learning_rate=0.05, init=h, return_replicas=True)
+    w_min, _ = theory.fixed_distance_error_fit(jax.random.key(3), data.x, data.y, 1.0,
+                                               temperature=tau, num_steps=600, learning_rate=0.05,
+                                               init=h)
+    e = lambda w: float(theory.smoothed_error({"w": w, "b": jnp.zeros(())}, data.x, data.y, tau))
+    assert abs(float(jnp.linalg.norm(reps[0])) - 1.0) < 1e-5
+    assert e(reps[0]) == pytest.approx(e(w_min), abs=2e-3)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: theory.fixed_distance_local_energy(jnp.ones(2), 0.0, jnp.ones((3, 2)),
+                                                    jnp.ones(3), 0.0), "overlap"),
+        (lambda: theory.fixed_distance_local_energy(jnp.ones(2), 0.0, jnp.ones((3, 2)),
+                                                    jnp.ones(3), 1.0), "no gradient"),
+        (lambda: theory.fixed_distance_local_energy(jnp.zeros(2), 0.0, jnp.ones((3, 2)),
+                                                    jnp.ones(3), 0.5), "nonzero"),
+        (lambda: theory.fixed_distance_error_fit(KEY, jnp.ones((3, 2)), jnp.ones(3), 0.5,
+                                                 temperature=-1.0), "temperature"),
+        (lambda: theory.fixed_distance_error_fit(KEY, jnp.ones((3, 2)), jnp.ones(3), 0.5,
+                                                 learning_rate=0.0), "learning_rate"),
+        (lambda: theory.fixed_distance_replicated_error(KEY, jnp.ones((3, 2)), jnp.ones(3), 0.5,
+                                                        temperature=0.0), "temperature"),
+        (lambda: theory.fixed_distance_replicated_error(KEY, jnp.ones((3, 2)), jnp.ones(3), 0.5,
+                                                        num_replicas=0), "num_replicas"),
+        (lambda: theory.fit_bias(jnp.ones(2), jnp.ones((3, 2)), jnp.ones(3)), "both classes"),
+        (lambda: theory.fit_bias(jnp.zeros(2), jnp.ones((3, 2)), jnp.array([1.0, -1.0, 1.0])),
+         "nonzero"),
+    ],
+)
+def test_flat_error_bad_arguments_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -44,10 +44,24 @@ train the same linear model with flatjax's optimizers: ``replicated_sgd_fit``
 a differentiable loss or on the smoothed error-counting loss
 ``smoothed_error``, which is the training error averaged over Gaussian noise
 on the normalised classifier, i.e. a local energy of the classifier itself.
+``fit_bias`` fits the bias of a given direction apart (two-Gaussian threshold).
+
+Fixed norm and fixed distance (Baldassi et al. 2020). ``fixed_norm_mse`` is
+the square-loss minimiser on the sphere ‖w‖ = R and
+``fixed_distance_replicated_mse`` its replicas held at overlap q with a
+centre. On the classifier itself (norm-free), ``fixed_distance_local_energy``
+is the mean training error of the shell of unit classifiers at overlap q
+with a centre, ``fixed_distance_error_fit`` the centre that minimises it
+(the flattest at that distance) and ``fixed_distance_replicated_error`` the
+replicated scheme with y optimised replicas on the smoothed error count.
+``classifier_local_energy`` measures flatness under weight noise.
 
 Randomness: every function that samples takes a ``jax.random`` key.
 
 References:
+  Baldassi, Malatesta, Negri, Zecchina, Wide flat minima and optimal
+  generalization in classifying high-dimensional Gaussian mixtures, J. Stat.
+  Mech. 2020, arXiv:2010.14761.
   Pittorino, Lucibello, Feinauer, Perugini, Baldassi, Demyanenko, Zecchina,
   Entropic gradient descent algorithms and wide flat minima, ICLR 2021,
   arXiv:2006.07897.
@@ -59,11 +73,17 @@ References:
 from flatjax.theory._erm import (
     LOSSES,
     erm,
+    fit_bias,
     margin_loss,
     max_margin,
     select_ridge,
     smoothed_error,
     train_validation_split,
+)
+from flatjax.theory._error_counting import (
+    fixed_distance_error_fit,
+    fixed_distance_local_energy,
+    fixed_distance_replicated_error,
 )
 from flatjax.theory._fixed_norm import fixed_distance_replicated_mse, fixed_norm_mse
 from flatjax.theory._flat import entropy_sgd_fit, replicated_sgd_fit
@@ -103,9 +123,13 @@ __all__ = [
     "max_margin",
     "train_validation_split",
     "select_ridge",
+    "fit_bias",
     "classifier_local_energy",
     "replicated_sgd_fit",
     "entropy_sgd_fit",
     "fixed_norm_mse",
     "fixed_distance_replicated_mse",
+    "fixed_distance_local_energy",
+    "fixed_distance_error_fit",
+    "fixed_distance_replicated_error",
 ]

@@ -287,3 +287,50 @@ def select_ridge(
     best = ridges[int(np.argmin(scores))]
     w, b = erm(x, y, loss=loss, ridge=best, bias=bias)
     return w, b, best
+
+
+def fit_bias(w, x, y):
+    r"""The bias of a fixed direction, fitted apart: two-Gaussian (LDA) threshold on w·x.
+
+    With u^μ = w·x^μ/‖w‖, class means μ_±, pooled within-class variance s²
+    and the empirical fraction ρ̂ of labels +1, the rule sign(u − t) with
+
+    .. math::
+
+      t = \frac{μ_+ + μ_-}{2} − \frac{s² \log(ρ̂/(1 − ρ̂))}{μ_+ − μ_-}
+
+    is the Bayes rule for two Gaussians of one variance; the bias returned is
+    b = −t‖w‖, so that sign(w·x + b) = sign(u − t). For w ∝ v on the mixture
+    (μ_± → ±1, s² → Δ) it tends to ``bayes_optimal_bias(1, Δ, ρ)``.
+
+    Args:
+      w: direction [N] (nonzero).
+      x, y: data [P, N], labels ±1 [P] holding both classes, two points at least.
+
+    Returns:
+      b as a float32 jax scalar.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flatjax.theory import fit_bias
+      >>> x = jnp.array([[3.0], [1.0], [-1.0], [-3.0]]); y = jnp.array([1.0, 1.0, -1.0, -1.0])
+      >>> float(fit_bias(jnp.array([2.0]), x, y))  # balanced: the midpoint, t = 0
+      0.0
+    """
+    x, y = _check_data(x, y)
+    w = np.asarray(w, np.float64)
+    if w.shape != (x.shape[1],) or not np.linalg.norm(w) > 0:
+        raise ValueError(f"w must be a nonzero vector of shape ({x.shape[1]},), got {w.shape}.")
+    pos, neg = y > 0, y < 0
+    if pos.sum() < 1 or neg.sum() < 1 or x.shape[0] < 3:
+        raise ValueError("fit_bias needs both classes and three points at least.")
+    norm = float(np.linalg.norm(w))
+    u = x.astype(np.float64) @ w / norm
+    m_pos, m_neg = u[pos].mean(), u[neg].mean()
+    var = (np.sum((u[pos] - m_pos) ** 2) + np.sum((u[neg] - m_neg) ** 2)) / (x.shape[0] - 2)
+    gap = m_pos - m_neg
+    if not gap > 0:  # w points against the classes: threshold at the midpoint
+        gap = np.inf
+    rho = pos.mean()
+    t = 0.5 * (m_pos + m_neg) - var * np.log(rho / (1 - rho)) / gap
+    return jnp.asarray(-t * norm, jnp.float32)
