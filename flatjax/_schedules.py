@@ -116,10 +116,8 @@ def exponential_coupling(
       Pittorino et al., ICLR 2021, arXiv:2006.07897;
       Chaudhari et al., ICLR 2017, arXiv:1611.01838 ("scoping").
     """
-    return _growth_schedule(
-        lambda p: jnp.exp(math.log(factor) * p),
-        init_value, total_steps, factor, max_value, steps_per_update,
-    )
+    growth = lambda p: jnp.exp(math.log(factor) * p)
+    return _growth_schedule(growth, init_value, total_steps, factor, max_value, steps_per_update)
 
 
 def linear_coupling(
@@ -150,10 +148,8 @@ def linear_coupling(
     References:
       Pittorino et al., ICLR 2021, arXiv:2006.07897.
     """
-    return _growth_schedule(
-        lambda p: 1.0 + (factor - 1.0) * p,
-        init_value, total_steps, factor, max_value, steps_per_update,
-    )
+    growth = lambda p: 1.0 + (factor - 1.0) * p
+    return _growth_schedule(growth, init_value, total_steps, factor, max_value, steps_per_update)
 
 
 def cosine_coupling(
@@ -186,7 +182,5 @@ def cosine_coupling(
     References:
       Pittorino et al., ICLR 2021, arXiv:2006.07897.
     """
-    return _growth_schedule(
-        lambda p: 1.0 + (factor - 1.0) * (0.5 * (1.0 - jnp.cos(jnp.pi * p))),
-        init_value, total_steps, factor, max_value, steps_per_update,
-    )
+    growth = lambda p: 1.0 + (factor - 1.0) * (0.5 * (1.0 - jnp.cos(jnp.pi * p)))
+    return _growth_schedule(growth, init_value, total_steps, factor, max_value, steps_per_update)

@@ -12,6 +12,7 @@ given for the computation.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Mapping
@@ -34,7 +35,7 @@ from flatjax._validation import (
     value_at_zero,
 )
 
-__all__ = ["OUTER_SCALES", "INNER_COUPLINGS", "make_core"]
+__all__ = ["OUTER_SCALES", "INNER_COUPLINGS", "make_core", "derived_signature", "bind"]
 
 OUTER_SCALES = ("coupling", "gradient", "none")
 INNER_COUPLINGS = ("gradient", "update")
@@ -67,6 +68,31 @@ def make_core(hparams: Mapping[str, Any]) -> EntropySGDCore:
             "max_coupling", "clamp_fraction", "seed", "noise_generator",
         )
     })
+
+
+def derived_signature(
+    signature: inspect.Signature, *, without=(), defaults: Mapping[str, Any] | None = None
+) -> inspect.Signature:
+    """``signature`` without the parameters named in ``without``, with new ``defaults``.
+
+    The factories that share :func:`entropy_sgd`'s hyperparameters take its
+    signature this way, so each name and default is written once.
+    """
+    defaults = defaults or {}
+    return signature.replace(parameters=[
+        p.replace(default=defaults.get(p.name, p.default))
+        for p in signature.parameters.values() if p.name not in without
+    ])
+
+
+def bind(signature: inspect.Signature, name: str, args, kwargs) -> dict[str, Any]:
+    """The arguments of a call ``name(*args, **kwargs)`` by name, defaults applied."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{name}() {e}") from None
+    bound.apply_defaults()
+    return bound.arguments
 
 
 def _langevin_core(

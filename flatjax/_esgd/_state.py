@@ -5,10 +5,6 @@ to evaluate: :func:`entropy_sgd_eval_params` returns the anchor x in both
 modes, as ``optax.contrib.schedule_free_eval_params`` does for schedule-free
 optimizers. The accessors take the Entropy-SGD state or any Optax state
 containing exactly one (``optax.chain``, ``inject_hyperparams``).
-
-References:
-  Pittorino et al., Entropic gradient descent algorithms and wide flat minima,
-  ICLR 2021, arXiv:2006.07897.
 """
 
 from __future__ import annotations
@@ -19,12 +15,7 @@ import jax
 
 from flatjax._esgd._precision import cast_like
 
-__all__ = [
-    "EntropySGDState",
-    "entropy_sgd_eval_params",
-    "entropy_sgd_aux",
-    "entropy_sgd_coupling",
-]
+__all__ = ["EntropySGDState", "entropy_sgd_eval_params", "entropy_sgd_aux", "entropy_sgd_coupling"]
 
 
 class EntropySGDState(NamedTuple):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from flatjax._esgd._core import EntropySGDCore
-from flatjax._esgd._hparams import make_core
+from flatjax._esgd._hparams import bind, derived_signature, make_core
 from flatjax._esgd._precision import where, widen
 from flatjax._esgd._state import EntropySGDState
 from flatjax._esgd._transform import entropy_sgd
@@ -32,9 +32,7 @@ __all__ = ["entropy_sgd_stepwise", "stepwise_transform"]
 
 # The hyperparameters and defaults of entropy_sgd, without those of its scan.
 _SCAN_ONLY = ("unroll", "has_aux", "aux_init")
-_SIGNATURE = inspect.signature(entropy_sgd).replace(parameters=[
-    p for p in inspect.signature(entropy_sgd).parameters.values() if p.name not in _SCAN_ONLY
-])
+_SIGNATURE = derived_signature(inspect.signature(entropy_sgd), without=_SCAN_ONLY)
 
 
 def entropy_sgd_stepwise(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
@@ -81,12 +79,7 @@ def entropy_sgd_stepwise(*args, **kwargs) -> optax.GradientTransformationExtraAr
       Chaudhari et al., ICLR 2017, arXiv:1611.01838;
       Pittorino et al., ICLR 2021, arXiv:2006.07897.
     """
-    try:
-        hparams = _SIGNATURE.bind(*args, **kwargs)
-    except TypeError as e:
-        raise TypeError(f"entropy_sgd_stepwise() {e}") from None
-    hparams.apply_defaults()
-    return stepwise_transform(make_core(hparams.arguments))
+    return stepwise_transform(make_core(bind(_SIGNATURE, "entropy_sgd_stepwise", args, kwargs)))
 
 
 entropy_sgd_stepwise.__signature__ = _SIGNATURE

@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from flatjax._esgd._core import EntropySGDCore
-from flatjax._esgd._hparams import make_core
+from flatjax._esgd._hparams import bind, derived_signature, make_core
 from flatjax._esgd._precision import cast_like, widen
 from flatjax._validation import check_same_tree
 
@@ -230,30 +231,7 @@ def entropy_sgd(
     return scan_transform(make_core(locals()), unroll, bool(has_aux), aux_init)
 
 
-def scale_by_entropy_sgd(
-    inner_steps: int = 5,
-    coupling: Coupling = 0.03,
-    *,
-    inner_learning_rate: float = 0.1,
-    noise: float = 1e-4,
-    average_weight: float = 0.75,
-    inner_weight_decay: float = 1e-4,
-    inner_momentum: float = 0.0,
-    inner_nesterov: bool = True,
-    inner_coupling: str = "gradient",
-    calibrate_coupling: bool = False,
-    calibration_step: int = 1,
-    max_coupling: float | None = None,
-    clamp_fraction: float = 0.5,
-    seed: int = 0,
-    noise_generator: str = "hash",
-    inner_optimizer: optax.GradientTransformation | None = None,
-    outer_optimizer: optax.GradientTransformation | None = None,
-    outer_scale: str = "gradient",
-    has_aux: bool = False,
-    aux_init: Any = None,
-    unroll: int | bool | str = "auto",
-) -> optax.GradientTransformationExtraArgs:
+def scale_by_entropy_sgd(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
     """The Entropy-SGD primitive: the inner Langevin loop, then an outer transform.
 
     With no ``outer_optimizer`` it returns G = γ_t (x − μ), the gradient of −F
@@ -271,7 +249,9 @@ def scale_by_entropy_sgd(
 
     Same call as :func:`entropy_sgd` (``update(updates, state, params, *,
     grad_fn, value=None, aux=None)``, ``params`` = anchor x); the arguments are
-    those of :func:`entropy_sgd`.
+    those of :func:`entropy_sgd` without the default outer SGD's
+    (``learning_rate``, ``momentum``, ``nesterov``, ``weight_decay``), and
+    ``outer_scale`` defaults to ``"gradient"``.
 
     Example:
       >>> import jax.numpy as jnp, optax, flatjax
@@ -283,7 +263,18 @@ def scale_by_entropy_sgd(
       >>> bool(jnp.all(optax.apply_updates(params, updates) < params))
       True
     """
-    return scan_transform(make_core(locals()), unroll, bool(has_aux), aux_init)
+    hparams = bind(_SCALE_BY_SIGNATURE, "scale_by_entropy_sgd", args, kwargs)
+    return scan_transform(make_core(hparams), hparams["unroll"], bool(hparams["has_aux"]),
+                          hparams["aux_init"])
+
+
+# The hyperparameters and defaults of entropy_sgd, without those of its outer SGD.
+_SCALE_BY_SIGNATURE = derived_signature(
+    inspect.signature(entropy_sgd),
+    without=("learning_rate", "momentum", "nesterov", "weight_decay"),
+    defaults={"outer_scale": "gradient"},
+)
+scale_by_entropy_sgd.__signature__ = _SCALE_BY_SIGNATURE
 
 
 def scan_unroll(unroll, length: int):
@@ -378,14 +369,8 @@ def scan_transform(
             state, params, anchor, average, walker, loss
         )
         new_state = state._replace(
-            count=state.count + 1,
-            key=key,
-            coupling=applied,
-            requested_coupling=requested,
-            coupling_scale=scale,
-            loss=loss,
-            outer_state=outer_state,
-            aux=aux if has_aux else None,
+            count=state.count + 1, key=key, coupling=applied, requested_coupling=requested,
+            coupling_scale=scale, loss=loss, outer_state=outer_state, aux=aux if has_aux else None,
         )
         return updates, new_state
 
