@@ -439,6 +439,30 @@ def test_bad_hyperparameters(make, kwargs, error, match):
         make(**kwargs)
 
 
+def test_the_three_factories_share_one_signature():
+    """stepwise and scale_by take entropy_sgd's hyperparameters and defaults, minus their own."""
+    import inspect
+
+    full = inspect.signature(flatjax.entropy_sgd).parameters
+    stepwise = inspect.signature(flatjax.entropy_sgd_stepwise).parameters
+    scale_by = inspect.signature(flatjax.scale_by_entropy_sgd).parameters
+    assert set(full) - set(stepwise) == {"unroll", "has_aux", "aux_init"}
+    assert set(full) - set(scale_by) == {"learning_rate", "momentum", "nesterov", "weight_decay"}
+    for name, p in stepwise.items():
+        assert p.default == full[name].default and p.kind == full[name].kind, name
+    for name, p in scale_by.items():
+        expected = "gradient" if name == "outer_scale" else full[name].default
+        assert p.default == expected, name
+    # inner_steps and coupling stay positional, the rest keyword-only, as in entropy_sgd.
+    assert flatjax.scale_by_entropy_sgd(3, 0.5).init(jnp.zeros(2)).coupling == 0.5
+    with pytest.raises(TypeError, match=r"entropy_sgd_stepwise\(\).*'unroll'"):
+        flatjax.entropy_sgd_stepwise(0.1, unroll=2)
+    with pytest.raises(TypeError, match=r"scale_by_entropy_sgd\(\).*'learning_rate'"):
+        flatjax.scale_by_entropy_sgd(learning_rate=0.1)
+    with pytest.raises(TypeError, match="too many positional"):
+        flatjax.entropy_sgd_stepwise(0.1, 5, 0.03, 0.1)
+
+
 def test_update_errors():
     x = jnp.zeros(2)
     opt = flatjax.entropy_sgd(0.1)

@@ -216,6 +216,15 @@ def test_stable_coupling_step_is_the_recurrence_bound(momentum, nesterov):
     assert _coupling_recurrence_growth(1.02 * bound, momentum, nesterov) > 1e3
 
 
+@pytest.mark.parametrize("momentum", [1.0, -0.1, float("nan")])
+def test_stable_coupling_step_rejects_a_momentum_outside_0_1(momentum):
+    """β >= 1 never decays (the recurrence has no stable step): an error, not a bound."""
+    from flatjax._stability import stable_coupling_step
+
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\)"):
+        stable_coupling_step(momentum, True)
+
+
 @pytest.mark.parametrize(
     "make",
     [
