@@ -584,7 +584,7 @@ def study_summary(result) -> dict:
     flat = []
     for a in cfg["alphas"]:
         for k, s in enumerate(SIGMA_GRID):
-            ranks, noisy_ranks, taus, best = [], [], [], []
+            ranks, noisy_ranks, fit_ranks, taus, best = [], [], [], [], []
             for seed in range(cfg["seeds"]):
                 rs = [r for r in recs if r["alpha"] == a and r["seed"] == seed and "delta_e" in r]
                 le = np.array([r["delta_e"][k] for r in rs])
@@ -592,12 +592,16 @@ def study_summary(result) -> dict:
                 eg = np.array([r["eps_g"] for r in rs])
                 i_ref = [r["estimator"] for r in rs].index(REFERENCE)
                 ranks.append(1 + int(np.sum(le < le[i_ref] - 1e-12)))
+                fits = np.array([r["train_error"] for r in rs]) <= rs[i_ref]["train_error"]
+                fit_ranks.append((1 + int(np.sum(le[fits] < le[i_ref] - 1e-12)), int(fits.sum())))
                 noisy_ranks.append(1 + int(np.sum(noisy < noisy[i_ref] - 1e-12)))
                 taus.append(stats.kendalltau(le, eg)[0])
                 best.append(rs[int(np.argmin(le))]["estimator"])
             top = max(set(best), key=best.count)
             flat.append({"alpha": a, "sigma": s, "rank": _mean_se(ranks), "n": len(rs),
                          "noisy_rank": _mean_se(noisy_ranks),
+                         "fit_rank": _mean_se([r for r, _ in fit_ranks]),
+                         "fit_n": float(np.mean([n for _, n in fit_ranks])),
                          "tau": _mean_se(taus), "flattest": top,
                          "flattest_share": best.count(top) / len(best)})
     path_rows = []
@@ -643,15 +647,17 @@ def study_markdown(result) -> str:
                      f"{r['train'][0]:.3f} |")
     lines += ["", "## Flatness: is the Bayes plug-in the flattest solution?", "",
               "Rank of the Bayes plug-in's δE(σ) among all the solutions of one training set "
-              "(1 = flattest), Kendall τ between δE(σ) and ε_g across the solutions of one "
+              "(1 = flattest), also among the solutions whose training error is at most the "
+              "plug-in's, Kendall τ between δE(σ) and ε_g across the solutions of one "
               "training set (both mean ± se over seeds), and the most frequent flattest "
               "solution (share of seeds).", "",
-              "| α | σ | rank of plug-in by δE (of n) | rank by E(σ) | Kendall τ(δE, ε_g) | "
-              "flattest by δE (share) |",
-              "|---|---|---|---|---|---|"]
+              "| α | σ | rank of plug-in by δE (of n) | rank by δE among the solutions that fit "
+              "as well (of n) | rank by E(σ) | Kendall τ(δE, ε_g) | flattest by δE (share) |",
+              "|---|---|---|---|---|---|---|"]
     for r in s["flat"]:
         lines.append(f"| {r['alpha']:g} | {r['sigma']:g} | {r['rank'][0]:.1f} ± "
-                     f"{r['rank'][1]:.1f} (of {r['n']}) | {r['noisy_rank'][0]:.1f} ± "
+                     f"{r['rank'][1]:.1f} (of {r['n']}) | {r['fit_rank'][0]:.1f} ± "
+                     f"{r['fit_rank'][1]:.1f} (of {r['fit_n']:.1f}) | {r['noisy_rank'][0]:.1f} ± "
                      f"{r['noisy_rank'][1]:.1f} | {r['tau'][0]:+.2f} ± "
                      f"{r['tau'][1]:.2f} | {r['flattest']} ({r['flattest_share']:.0%}) |")
     lines += ["", "## Interpolation paths ŵ(t) ∝ (1 − t) ŵ_ERM + t ŵ_plug-in", "",
@@ -774,11 +780,18 @@ def main(argv=None):
     parser.add_argument("--case", choices=[*CASES, "all"], default="all",
                         help="with --sgd: run one case (two processes can share the work)")
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--report", type=pathlib.Path, default=None,
+                        help="rewrite the .md and .png of a study_rho<ρ>.json, running nothing")
     args = parser.parse_args(argv)
     cfg = get_config(args.quick)
     out = args.out or (OUT / "quick" if args.quick else OUT)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m experiments.gaussian_mixture", *map(shlex.quote, sys.argv[1:])])
+    if args.report:
+        result = json.loads(args.report.read_text())
+        args.report.with_suffix(".md").write_text(study_markdown(result))
+        study_plots(result, args.report.with_suffix(".png"))
+        return
     if args.fixed_norm:
         fixed_norm_sweep(args, out, command)
         return

@@ -540,3 +540,17 @@ def test_one_replica_reaches_the_sphere_minimum_of_the_smoothed_error():
 def test_flat_error_bad_arguments_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.5])
+def test_replicas_at_fixed_distance_collapse_on_the_sphere_minimum(factor):
+    # With y free replicas the optimum puts every replica at the sphere minimum w*,
+    # so the centre ends at overlap q with w* (anywhere on that cone).
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(60, 10)) + 0.3 * np.sign(rng.normal(size=(60, 1)))
+    y = np.sign(x[:, 0] + 0.5 * rng.normal(size=60))
+    ls = np.linalg.lstsq(x - x.mean(0), y - y.mean(), rcond=None)[0]
+    radius, q = factor * float(np.linalg.norm(ls)), 0.6
+    w_star, _ = theory.fixed_norm_mse(x, y, radius)
+    c, _ = theory.fixed_distance_replicated_mse(x, y, radius, q, num_replicas=3, num_steps=4000)
+    assert float(np.asarray(c) @ np.asarray(w_star)) / radius**2 == pytest.approx(q, abs=0.01)

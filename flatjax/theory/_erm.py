@@ -313,9 +313,11 @@ def fit_bias(w, x, y):
     Example:
       >>> import jax.numpy as jnp
       >>> from flatjax.theory import fit_bias
-      >>> x = jnp.array([[3.0], [1.0], [-1.0], [-3.0]]); y = jnp.array([1.0, 1.0, -1.0, -1.0])
-      >>> float(fit_bias(jnp.array([2.0]), x, y))  # balanced: the midpoint, t = 0
-      0.0
+      >>> x = jnp.array([[3.0], [1.0], [-1.0], [-3.0], [-2.0], [0.0]])
+      >>> y = jnp.array([1.0, 1.0, -1.0, -1.0, -1.0, -1.0])
+      >>> # μ± = 2, −1.5; s² = 1.75; ρ̂ = 1/3: t = 0.25 + 1.75 log 2 / 3.5, b = −2t
+      >>> round(float(fit_bias(jnp.array([2.0]), x, y)), 4)
+      -1.1931
     """
     x, y = _check_data(x, y)
     w = np.asarray(w, np.float64)

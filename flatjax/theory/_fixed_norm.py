@@ -112,7 +112,9 @@ def fixed_distance_replicated_mse(
     d² = ‖w_a − w̃‖²/R² = 2(1 − q)), minimise Σ_a L(w_a) with
     L(w) = min_b (1/P) Σ_μ (y^μ − w·x^μ − b)². The parametrisation
     w_a = q w̃ + √(1 − q²) R t_a, t_a ⊥ w̃, ‖t_a‖ = 1, holds the constraints
-    exactly; projected gradient descent (step 1/‖2XᵀX/P‖) runs on (w̃, t_a).
+    exactly; projected gradient descent (step 1/‖2XᵀX/P‖) runs on (w̃, t_a),
+    with the centre's gradient Σ_a [q ∇L(w_a) − √(1 − q²) (∇L(w_a)·w̃/R) t_a]
+    that accounts for the tangents turning with the centre.
     The centre is the estimator (its bias is the square-loss optimal one).
     q → 1 reduces to ``fixed_norm_mse``. Baldassi et al., arXiv 2010.14761.
 
@@ -157,7 +159,10 @@ def fixed_distance_replicated_mse(
     for _ in range(num_steps):
         reps = q * centre + s * radius * t
         g = 2.0 * (reps @ a - cvec)  # ∇L(w_a), rows
-        centre = centre - lr * q * g.sum(0) / num_replicas
+        # The tangents follow the centre (t_a ⊥ centre): moving the centre by δ
+        # tilts t_a by −(t_a·δ) centre/R², hence the second term.
+        grad_centre = q * g - s * (g @ centre / radius)[:, None] * t
+        centre = centre - lr * grad_centre.sum(0) / num_replicas
         centre *= radius / np.linalg.norm(centre)
         if s > 0:
             t = orth(t - lr * s * radius * g / radius**2, centre)
