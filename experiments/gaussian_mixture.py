@@ -540,10 +540,21 @@ def paired_study(args, out, command):
     result = {"command": command, "wall_seconds": time.time() - start, "config": config,
               "bayes_optimal": bo, "records": records, "paths": paths}
     tag = f"study_rho{args.rho:g}"
-    (out / f"{tag}.json").write_text(json.dumps(result, indent=0))
+    (out / f"{tag}.json").write_text(json.dumps(_rounded(result), separators=(",", ":")))
     (out / f"{tag}.md").write_text(study_markdown(result))
     study_plots(result, out / f"{tag}.png")
     print(f"wrote {out / tag}.md ({time.time() - start:.0f} s)", flush=True)
+
+
+def _rounded(obj, digits: int = 6):
+    """obj with every float rounded to ``digits`` decimals (a smaller JSON file)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_rounded(v, digits) for v in obj]
+    return obj
 
 
 def _mean_se(a):
