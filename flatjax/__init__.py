@@ -57,8 +57,7 @@ from flatjax.flatness import (
 )
 
 # --- multi-device / multi-host ---
-from flatjax._distributed import (
-    batch_layout,
+from flatjax._mesh import (
     batch_sharding,
     host_batch_to_global,
     initialize_distributed,
@@ -66,9 +65,6 @@ from flatjax._distributed import (
     process_batch_slice,
     rsgd_shard_map_step,
     shard_batch,
-    shard_train_state,
-    shard_train_step,
-    train_state_sharding,
 )
 
 # --- theory: the Gaussian mixture model, a public submodule ---

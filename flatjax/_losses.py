@@ -15,8 +15,8 @@ whatever the dtype of the logits (a bfloat16 network is scored in float32).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+import optax
 
 __all__ = ["softmax_cross_entropy", "misclassified", "cross_entropy", "error_percent"]
 
@@ -28,7 +28,9 @@ def softmax_cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarr
       ℓ_i = −\log \operatorname{softmax}(z_i)_{y_i},
 
     with z = ``logits`` ``[batch, classes]`` (cast to float32 first) and y =
-    ``labels`` ``[batch]`` integer class indices.
+    ``labels`` ``[batch]`` integer class indices, computed by optax's
+    ``softmax_cross_entropy_with_integer_labels`` (log-sum-exp minus the
+    label's logit).
 
     Args:
       logits: ``[batch, classes]`` unnormalised log-probabilities.
@@ -43,8 +45,7 @@ def softmax_cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarr
       >>> softmax_cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))  # log 4
       Array([1.3862944, 1.3862944], dtype=float32)
     """
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
 def misclassified(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:

@@ -1,276 +1,32 @@
-"""From run folders to numbers, tables and figures: what ``flatjax eval|flatness|results`` do.
+"""From run folders to one table and figures: what ``flatjax results`` does.
 
-A run folder is what :func:`flatjax.training.train_and_evaluate` writes:
-``config.json``, ``checkpoints/<step>/``, ``metrics.jsonl``, ``final.json``.
-This module restores the network a run evaluates (the SGD params, the
-Entropy-SGD anchor x or the Replicated-SGD centre c, with their BatchNorm
-statistics), scores it, measures its local energy, and turns several run
-folders into one markdown table and PNG figures.
-
-References:
-  Pittorino et al., "Entropic gradient descent algorithms and wide flat
-  minima", ICLR 2021, arXiv 2006.07897 (local energy).
+Each run folder (:func:`flatjax.training.train_and_evaluate`, and
+``flatness.json`` from ``flatjax flatness``) becomes one row of a markdown
+table: cost (gradient evaluations, effective epochs), training and test
+error, for Replicated-SGD the replicas' and the ensemble's test error, and
+the local energy δE(σ); figures: learning curves, δE(σ), and test error
+against local energy, one point per run, coloured by algorithm.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from flatjax._extras import require
+from flatjax._restore import (
+    CONFIG_FILE,
+    FINAL_FILE,
+    FLATNESS_FILE,
+    METRICS_FILE,
+    TABLE_FILE,
+    read_run_json,
+)
 
-__all__ = [
-    "RestoredRun",
-    "restore_run",
-    "evaluate_run",
-    "measure_flatness",
-    "flatness_table",
-    "load_run",
-    "results_table",
-    "write_results",
-]
-
-CONFIG_FILE = "config.json"
-FINAL_FILE = "final.json"
-METRICS_FILE = "metrics.jsonl"
-FLATNESS_FILE = "flatness.json"
-TABLE_FILE = "results.md"
-CHECKPOINT_DIR = "checkpoints"
-
-# One apply function per model, so that local_energy's compiled program
-# (cached on the function object) is reused across runs of the same model.
-_APPLY_FNS: dict = {}
-
-
-class RestoredRun(NamedTuple):
-    """The evaluation network of a run, restored from its latest checkpoint.
-
-    Attributes:
-      config: the run's config (``config.json`` plus any overrides), locked.
-      model: the flax module.
-      variables: ``{'params': ..., 'batch_stats': ...}`` of the network to
-        evaluate (no replica axis).
-      step: the training step of the checkpoint.
-    """
-
-    config: Any
-    model: Any
-    variables: dict
-    step: int
-
-
-def _no_run(workdir: Path, what: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"no checkpoint in {workdir} ({what}); train into it first with `flatjax train`"
-    )
-
-
-def _read_config(workdir: Path, overrides: Sequence[str]):
-    import ml_collections
-
-    from flatjax.cli import apply_overrides
-
-    path = workdir / CONFIG_FILE
-    if not path.is_file():
-        raise _no_run(workdir, f"no {CONFIG_FILE}")
-    config = ml_collections.ConfigDict(_read_json(path))
-    config.lock()
-    apply_overrides(config, overrides)
-    return config
-
-
-def _apply_fn(model):
-    try:
-        return _APPLY_FNS.setdefault(model, lambda v, x: model.apply(v, x, train=False))
-    except TypeError:  # an unhashable module: no cache
-        return lambda v, x: model.apply(v, x, train=False)
-
-
-def restore_run(workdir: str | os.PathLike, overrides: Sequence[str] = ()) -> RestoredRun:
-    """Restores the evaluation network of the run in ``workdir`` from its latest checkpoint.
-
-    The training state is rebuilt from the run's ``config.json`` (so the
-    checkpoint is restored against the right structure, and a checkpoint of
-    another model fails with a message naming the differing arrays), then
-    :func:`flatjax.training.eval_variables` picks the network the run
-    evaluates: SGD's params, the Entropy-SGD anchor x, or the Replicated-SGD
-    centre c = (1/y) Σ_a wᵃ with BatchNorm statistics per
-    ``rsgd.center_batch_stats``.
-
-    Args:
-      workdir: a training run's directory.
-      overrides: ``key=value`` config overrides (e.g. ``data_dir=...``).
-
-    Returns:
-      A :class:`RestoredRun`.
-
-    Raises:
-      FileNotFoundError: no ``config.json`` or no checkpoint in ``workdir``.
-      flatjax.training.CheckpointMismatchError: the checkpoint does not fit
-        the config's model/optimizer.
-    """
-    import jax
-
-    from flatjax import data, models, training
-
-    workdir = Path(workdir)
-    config = _read_config(workdir, overrides)
-    ckpt_dir = workdir / CHECKPOINT_DIR
-    if not ckpt_dir.is_dir():
-        raise _no_run(workdir, f"no {CHECKPOINT_DIR}/ folder")
-    training.validate_config(config)
-    info = data.get_info(config.dataset, data_dir=config.data_dir)
-    model = models.get_model(config.model, info.num_classes, **dict(config.model_kwargs))
-    build = config.copy_and_resolve_references()
-    if build.algorithm == "replicated_sgd" and build.rsgd.coupling is None:
-        # The balanced γ_0 is measured on data; its value does not change the
-        # state's structure, which is all the restore target needs.
-        build.rsgd.coupling = 1.0
-    state = training.create_train_state(
-        build, model, {"input_shape": info.input_shape, "num_train": info.num_train},
-        jax.random.PRNGKey(build.seed),
-    )  # fmt: skip
-    checkpointer = training.Checkpointer(ckpt_dir, keep=max(1, int(config.keep_checkpoints)))
-    try:
-        restored = checkpointer.restore_latest(state)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise _no_run(workdir, f"{CHECKPOINT_DIR}/ is empty")
-    batches = None
-    if config.algorithm == "replicated_sgd" and config.rsgd.center_batch_stats == "recompute":
-        batches = training.dataset_source(config).stats_batches()
-    variables = training.eval_variables(
-        restored, center_batch_stats=config.rsgd.center_batch_stats, batches=batches
-    )
-    return RestoredRun(config, model, variables, int(restored.step))
-
-
-def _split_arrays(config, split: str):
-    from flatjax import data
-
-    return data.load_arrays(
-        config.dataset, split, data_dir=config.data_dir,
-        validation_fraction=config.validation_fraction,
-    )  # fmt: skip
-
-
-def evaluate_run(
-    workdir: str | os.PathLike, *, split: str = "test", overrides: Sequence[str] = ()
-) -> dict:
-    """Loss and error (%) of a run's evaluation network on a dataset split.
-
-    Args:
-      workdir: a training run's directory.
-      split: ``"test"``, ``"train"`` or ``"validation"``.
-      overrides: config overrides, as for :func:`restore_run`.
-
-    Returns:
-      ``{'workdir', 'algorithm', 'step', 'split', 'loss', 'error', 'num_examples'}``.
-    """
-    from flatjax import training
-
-    run = restore_run(workdir, overrides)
-    x, y = _split_arrays(run.config, split)
-    scores = training.evaluate(
-        run.model.apply, run.variables, x, y, batch_size=run.config.eval_batch_size
-    )
-    return {
-        "workdir": str(workdir),
-        "algorithm": run.config.algorithm,
-        "step": run.step,
-        "split": split,
-        "loss": scores["loss"],
-        "error": scores["error"],
-        "num_examples": int(len(y)),
-    }
-
-
-def measure_flatness(
-    workdir: str | os.PathLike,
-    *,
-    sigmas: Sequence[float] | None = None,
-    num_draws: int | None = None,
-    split: str = "train",
-    seed: int = 0,
-    overrides: Sequence[str] = (),
-) -> dict:
-    """Local energy δE(w, σ) of a run's evaluation network; writes ``flatness.json``.
-
-    δE(w, σ) = E_z[E(w ⊙ (1 + σ z))] − E(w), z ~ N(0, I), with E the
-    classification error in percent over the whole ``split`` (network in
-    eval mode, BatchNorm statistics frozen), estimated with ``num_draws``
-    draws per σ (:func:`flatjax.local_energy`). For
-    Replicated-SGD this is the centre, for Entropy-SGD the anchor.
-
-    Args:
-      workdir: a training run's directory.
-      sigmas: noise levels σ (default: the run's ``config.flatness.sigmas``).
-      num_draws: M, draws per σ (default: ``config.flatness.num_draws``).
-      split: dataset split (default ``"train"``, the paper's choice).
-      seed: seed of the noise draws.
-      overrides: config overrides, as for :func:`restore_run`.
-
-    Returns:
-      The record written to ``workdir/flatness.json``: ``sigmas``,
-      ``mean``, ``stderr`` (lists, δE in percentage points), ``base``
-      (E(w) in %), ``num_draws``, ``split``, ``step``, ``seed``,
-      ``wall_time`` (seconds).
-    """
-    import jax
-
-    import flatjax
-
-    start = time.perf_counter()
-    run = restore_run(workdir, overrides)
-    sigmas = list(run.config.flatness.sigmas if sigmas is None else sigmas)
-    num_draws = int(run.config.flatness.num_draws if num_draws is None else num_draws)
-    x, y = _split_arrays(run.config, split)
-    energy = flatjax.local_energy(
-        _apply_fn(run.model), run.variables, (x, y), sigmas,
-        key=jax.random.PRNGKey(seed), num_draws=num_draws,
-        batch_size=int(run.config.flatness.batch_size),
-    )  # fmt: skip
-    record = {
-        "algorithm": run.config.algorithm,
-        "step": run.step,
-        "split": split,
-        "metric": "error_percent",
-        "noise": "multiplicative",
-        "seed": seed,
-        "num_draws": num_draws,
-        "sigmas": [float(s) for s in energy.sigmas],
-        "mean": [float(m) for m in energy.mean],
-        "stderr": [float(s) for s in energy.stderr],
-        "base": float(energy.base),
-        "wall_time": time.perf_counter() - start,
-    }
-    with open(Path(workdir) / FLATNESS_FILE, "w") as f:
-        json.dump(record, f, indent=2)
-    return record
-
-
-def flatness_table(record: dict) -> str:
-    """A markdown table of one :func:`measure_flatness` record."""
-    lines = [
-        f"local energy δE(σ) of {record['algorithm']} (step {record['step']}), "
-        f"{record['split']} error {record['base']:.2f}%, {record['num_draws']} draws per σ",
-        "",
-        "| σ | δE (% points) | stderr |",
-        "|---|---|---|",
-    ]
-    for s, m, e in zip(record["sigmas"], record["mean"], record["stderr"], strict=True):
-        lines.append(f"| {s:g} | {m:.3f} | {e:.3f} |")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------
-# Several runs: table and figures.
+__all__ = ["Run", "load_run", "results_table", "write_results"]
 
 
 class Run(NamedTuple):
@@ -284,23 +40,12 @@ class Run(NamedTuple):
     flatness: dict | None
 
 
-def _read_json(path: Path):
-    from flatjax.training.metrics import read_json_object
-
-    try:
-        return read_json_object(path)
-    except ValueError as error:
-        raise ValueError(
-            f"{error}; restore it, or train the run again with `flatjax train --restart`"
-        ) from None
-
-
 def load_run(run_dir: str | os.PathLike, name: str | None = None) -> Run:
     """Reads a run folder's config, metrics, final metrics and flatness record."""
     from flatjax.training import read_metrics
 
     path = Path(run_dir)
-    final = _read_json(path / FINAL_FILE)
+    final = read_run_json(path / FINAL_FILE)
     rows = read_metrics(path / METRICS_FILE)
     if final is None and not rows:
         raise FileNotFoundError(
@@ -309,10 +54,10 @@ def load_run(run_dir: str | os.PathLike, name: str | None = None) -> Run:
     return Run(
         name or path.name,
         path,
-        _read_json(path / CONFIG_FILE) or {},
+        read_run_json(path / CONFIG_FILE) or {},
         rows,
         final or dict(rows[-1]),
-        _read_json(path / FLATNESS_FILE),
+        read_run_json(path / FLATNESS_FILE),
     )
 
 
@@ -348,21 +93,35 @@ def _table_sigmas(runs: Sequence[Run], limit: int = 4) -> list[float]:
     return sorted(common or [])[:limit]
 
 
+def _mean(values) -> float | None:
+    return sum(float(v) for v in values) / len(values) if values else None
+
+
+def _algorithm(run: Run) -> str:
+    return str(run.final.get("algorithm", run.config.get("algorithm", "?")))
+
+
 def results_table(runs: Sequence[Run]) -> str:
-    """A markdown table, one row per run: cost, final test error and loss, local energy.
+    """A markdown table, one row per run: cost, training and test error, local energy.
 
     Columns: run, algorithm, gradient evaluations, effective epochs
     (gradient evaluations / (N/B): SGD-epochs of compute), training steps,
-    test (or validation) error and loss of the evaluation network, δE at up
-    to four σ > 0 measured for every run (mean ± stderr, percentage points
-    of training error), and training wall time. A Replicated-SGD run whose
-    centre is not yet a trained network (``center_trained = false`` in its
-    ``final.json``) is marked "(centre untrained)".
+    training error (mean over the last evaluation interval's minibatches),
+    test (or validation) error and loss of the evaluation network, for
+    Replicated-SGD runs the replicas' mean test error and the
+    output-averaged ensemble's, δE at up to four σ > 0 measured for every
+    run (mean ± stderr, percentage points of training error), and training
+    wall time. A Replicated-SGD run whose centre is not yet a trained
+    network (``center_trained = false`` in its ``final.json``) is marked
+    "(centre untrained)".
     """
     sigmas = _table_sigmas(runs)
     split = next((k.split("_")[0] for r in runs if (k := _eval_key(r.final, "error"))), "test")
-    header = ["run", "algorithm", "grad evals", "eff. epochs", "steps",
+    replicated = any(_eval_key(r.final, "replica_error") for r in runs)
+    header = ["run", "algorithm", "grad evals", "eff. epochs", "steps", "train error (%)",
               f"{split} error (%)", f"{split} loss"]  # fmt: skip
+    if replicated:
+        header += [f"{split} error, replicas (%)", f"{split} error, ensemble (%)"]
     header += [f"δE σ={s:g}" for s in sigmas] + ["train time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
@@ -371,13 +130,18 @@ def results_table(runs: Sequence[Run]) -> str:
         name = run.name if final.get("center_trained", True) else f"{run.name} (centre untrained)"
         cells = [
             name,
-            str(final.get("algorithm", run.config.get("algorithm", "?"))),
+            _algorithm(run),
             _fmt(final.get("grad_evals"), "d"),
             _fmt(final.get("effective_epochs"), ".2f"),
             _fmt(final.get("step"), "d"),
+            _fmt(final.get("train_error"), ".2f"),
             _fmt(final.get(error_key) if error_key else None, ".2f"),
             _fmt(final.get(loss_key) if loss_key else None, ".4f"),
         ]
+        if replicated:
+            replicas = final.get(_eval_key(final, "replica_error") or "", [])
+            ensemble = final.get(_eval_key(final, "ensemble_error") or "")
+            cells += [_fmt(_mean(replicas), ".2f"), _fmt(ensemble, ".2f")]
         flat = run.flatness
         for s in sigmas:
             if flat is None:
@@ -395,7 +159,7 @@ def _plot_curves(runs: Sequence[Run], path: Path) -> None:
     matplotlib.use("Agg")
     plt = require("matplotlib.pyplot", "the figures of flatjax results")
 
-    panels = [("train_loss", "training loss"), ("error", "error of the evaluated network (%)")]
+    panels = [("train_loss", "training loss"), ("error", "test error of the evaluated network (%)")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, (key, label) in zip(axes, panels, strict=True):
         for run in runs:
@@ -436,6 +200,36 @@ def _plot_local_energy(runs: Sequence[Run], path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_error_vs_flatness(runs: Sequence[Run], path: Path, sigma: float) -> None:
+    """Test error against δE(σ), one point per run (± stderr), one colour per algorithm."""
+    matplotlib = require("matplotlib", "the figures of flatjax results")
+    matplotlib.use("Agg")
+    plt = require("matplotlib.pyplot", "the figures of flatjax results")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    algorithms = sorted({_algorithm(r) for r in runs})
+    for k, algorithm in enumerate(algorithms):
+        xs, ys, errs = [], [], []
+        for run in runs:
+            key = _eval_key(run.final, "error")
+            if _algorithm(run) != algorithm or key is None:
+                continue
+            i = run.flatness["sigmas"].index(sigma)
+            xs.append(run.flatness["mean"][i])
+            errs.append(run.flatness["stderr"][i])
+            ys.append(run.final[key])
+        ax.errorbar(xs, ys, xerr=errs, fmt="o", capsize=3, color=colors[k % len(colors)],
+                    label=algorithm)
+    ax.set_xlabel(f"local energy δE(σ = {sigma:g}) (training error, % points)")
+    ax.set_ylabel("test error of the evaluated network (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_results(run_dirs: Sequence[str], out: str | os.PathLike) -> tuple[str, list[Path]]:
     """Writes ``results.md`` (the table), ``curves.png`` and ``local_energy.png`` into ``out``.
 
@@ -445,7 +239,9 @@ def write_results(run_dirs: Sequence[str], out: str | os.PathLike) -> tuple[str,
 
     Returns:
       ``(table, figures)``: the markdown table and the PNG paths written
-      (``local_energy.png`` only when some run has a ``flatness.json``).
+      (``local_energy.png`` and ``error_vs_local_energy.png``, test error
+      against δE at the largest σ of the table, only when some run has a
+      ``flatness.json``).
     """
     runs = [load_run(d, n) for d, n in zip(run_dirs, _names(run_dirs), strict=True)]
     out = Path(out)
@@ -455,7 +251,11 @@ def write_results(run_dirs: Sequence[str], out: str | os.PathLike) -> tuple[str,
     with_flatness = [r for r in runs if r.flatness]
     if with_flatness:
         figures.append(out / "local_energy.png")
-        _plot_local_energy(with_flatness, figures[1])
+        _plot_local_energy(with_flatness, figures[-1])
+        sigmas = _table_sigmas(with_flatness)
+        if sigmas:
+            figures.append(out / "error_vs_local_energy.png")
+            _plot_error_vs_flatness(with_flatness, figures[-1], sigmas[-1])
     text = ["# flatjax results", "", table, ""]
     text += [f"![{f.stem}]({f.name})" for f in figures]
     (out / TABLE_FILE).write_text("\n".join(text) + "\n")

@@ -1,7 +1,7 @@
 """One process of the 2-process Replicated-SGD run of tests/test_multihost.py.
 
 Run as ``python -m tests._multihost_worker OUT_DIR CKPT_DIR`` with
-``FLATJAX_COORDINATOR``, ``FLATJAX_NUM_PROCESSES`` and ``FLATJAX_PROCESS_ID``
+``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
 set, and ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` (two CPU
 devices per process, four in all). The mesh is (replica 2, data 2): each
 process holds one replica, split over its two devices. Each process loads
@@ -83,8 +83,8 @@ def main(out_dir: str, ckpt_dir: str) -> None:
     config, model = make_config(), make_model()
     mesh = flatjax.make_mesh(replica=REPLICAS)
     fresh = make_state(config, model)
-    state = flatjax.shard_train_state(fresh, mesh)
-    step = flatjax.shard_train_step(make_train_step(config), mesh, state, "replicas")
+    state = flatjax.training.shard_train_state(fresh, mesh)
+    step = flatjax.training.shard_train_step(make_train_step(config), mesh, state, "replicas")
 
     slices = []
     for t, batch in enumerate(global_batches()):
@@ -100,7 +100,7 @@ def main(out_dir: str, ckpt_dir: str) -> None:
 
     checkpointer = Checkpointer(ckpt_dir, keep=2)
     checkpointer.save(state)
-    restored = checkpointer.restore_latest(flatjax.shard_train_state(fresh, mesh))
+    restored = checkpointer.restore_latest(flatjax.training.shard_train_state(fresh, mesh))
     checkpointer.close()
     restored_params = multihost_utils.process_allgather(restored.params, tiled=True)
     restored_step = int(restored.step.addressable_data(0))  # replicated: any shard

@@ -179,7 +179,7 @@ def _error_cases(tmp_path):
         ),
         "unwritable workdir": (
             ["train", "--config", QUICK, "--workdir", str(blocker / "run")],
-            "cannot write to workdir",
+            "cannot be created or written to",
         ),
         "missing dataset name": (train + ["--set", "dataset=mnist6k"], "Unknown dataset 'mnist6k'"),
         "unknown model": (train + ["--set", "model=lenet7"], "unknown model 'lenet7'"),
@@ -322,14 +322,22 @@ def test_flatness_cli_writes_json(trained):
 def test_results_cli_table_and_figures(demo, tmp_path):
     workdir, _ = demo
     out_dir = tmp_path / "out"
-    code, out = _run(
-        ["results", str(workdir / "sgd"), str(workdir / "esgd"), "--out", str(out_dir)]
-    )
+    runs = [workdir / name for name in ("sgd", "esgd", "rsgd")]
+    code, out = _run(["results", *map(str, runs), "--out", str(out_dir)])
     assert code == 0
     table = (out_dir / "results.md").read_text()
     assert "| sgd | sgd |" in table and "| esgd | entropy_sgd |" in table
-    assert "| rsgd |" not in table
-    assert (out_dir / "curves.png").is_file() and (out_dir / "local_energy.png").is_file()
+    header = next(line for line in table.splitlines() if line.startswith("| run"))
+    assert "train error (%)" in header and "test error, ensemble (%)" in header
+    # The rSGD row's replica and ensemble cells are the final.json values.
+    final = json.loads((workdir / "rsgd" / "final.json").read_text())
+    replicas = sum(final["test_replica_error"]) / len(final["test_replica_error"])
+    rsgd_row = next(line for line in table.splitlines() if line.startswith("| rsgd"))
+    assert f"| {replicas:.2f} | {final['test_ensemble_error']:.2f} |" in rsgd_row
+    sgd_row = next(line for line in table.splitlines() if line.startswith("| sgd"))
+    assert sgd_row.split(" | ").count("–") >= 2  # SGD has no replicas
+    for figure in ("curves.png", "local_energy.png", "error_vs_local_energy.png"):
+        assert (out_dir / figure).is_file(), figure
 
 
 @pytest.mark.slow
@@ -363,7 +371,7 @@ def test_python_m_flatjax_help():
 def test_packaged_configs_and_config_flag_overrides_work_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # A packaged config by name, with ml_collections.config_flags-style overrides.
-    argv = cli._config_flag_overrides(["train", "--config", "mnist5k:rsgd,quick",
+    argv = cli.config_flag_overrides(["train", "--config", "mnist5k:rsgd,quick",
                                        "--config.num_epochs=2", "--config.rsgd.num_replicas", "4"])
     assert argv[-4:] == ["--set", "num_epochs=2", "--set", "rsgd.num_replicas=4"]
     config = cli.load_config("mnist5k.py:rsgd,quick")

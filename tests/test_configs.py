@@ -11,7 +11,8 @@ from flatjax.training import base_config, validate_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "flatjax" / "configs"
 CONFIG_FILES = sorted(
-    p.name for p in CONFIG_DIR.glob("*.py") if p.name not in ("__init__.py", "common.py")
+    p.name for p in CONFIG_DIR.glob("*.py")
+    if not p.name.startswith("_") and p.name != "common.py"
 )
 
 

@@ -94,7 +94,7 @@ def _state(config, model):
 def _batches(config, steps):
     """Deterministic numpy batches in the layout the config's step takes."""
     x, y = blobs(n=NUM_TRAIN, dim=DIM, seed=1)
-    layout = flatjax.batch_layout(config)
+    layout = flatjax.training.batch_layout(config)
     lead = {"replicas": (config.rsgd.num_replicas,), "batch": (),
             "stacked": (config.esgd.inner_steps,)}[layout]
     rng = np.random.default_rng(0)
@@ -109,7 +109,7 @@ def test_train_state_sharding_rsgd_specs():
     config = _config("replicated_sgd", replicas=4)
     state = _state(config, TinyBNMLP())
     mesh = flatjax.make_mesh(replica=2, data=2)
-    s = flatjax.train_state_sharding(state, mesh)
+    s = flatjax.training.train_state_sharding(state, mesh)
     assert all(x.spec == P("replica") for x in jax.tree.leaves(s.params))
     assert all(x.spec == P("replica") for x in jax.tree.leaves(s.batch_stats))
     rep = s.opt_state
@@ -117,7 +117,7 @@ def test_train_state_sharding_rsgd_specs():
     assert rep.count.spec == P() and rep.coupling.spec == P() and rep.center_distance.spec == P()
     assert all(x.spec == P("replica") for x in jax.tree.leaves(rep.base_state))
     assert s.step.spec == P() and s.rng.spec == P()
-    placed = flatjax.shard_train_state(state, mesh)
+    placed = flatjax.training.shard_train_state(state, mesh)
     kernel = placed.params["Dense_0"]["kernel"]
     assert kernel.sharding.shard_shape(kernel.shape) == (2, DIM, 16)  # 4 replicas / 2
     np.testing.assert_array_equal(kernel, state.params["Dense_0"]["kernel"])
@@ -125,14 +125,14 @@ def test_train_state_sharding_rsgd_specs():
 
 def test_train_state_sharding_sgd_is_replicated():
     state = _state(_config("sgd"), MLPTiny(num_classes=2))
-    s = flatjax.train_state_sharding(state, flatjax.make_mesh(data=4))
+    s = flatjax.training.train_state_sharding(state, flatjax.make_mesh(data=4))
     assert all(x.spec == P() for x in jax.tree.leaves(s))
 
 
 def test_train_state_sharding_indivisible_replicas():
     state = _state(_config("replicated_sgd", replicas=3), MLPTiny(num_classes=2))
     with pytest.raises(ValueError, match="num_replicas=3 is not divisible by the mesh's replica"):
-        flatjax.train_state_sharding(state, flatjax.make_mesh(replica=2))
+        flatjax.training.train_state_sharding(state, flatjax.make_mesh(replica=2))
 
 
 @pytest.mark.parametrize(
@@ -186,7 +186,7 @@ def test_host_batch_to_global_rejects_non_dict():
     [
         lambda m: flatjax.batch_sharding(m, "batch"),
         lambda m: flatjax.shard_batch({"image": np.zeros(4)}, m, "batch"),
-        lambda m: flatjax.train_state_sharding(None, m),
+        lambda m: flatjax.training.train_state_sharding(None, m),
     ],
 )
 def test_functions_reject_foreign_mesh(fn):
@@ -203,20 +203,20 @@ def test_functions_reject_foreign_mesh(fn):
 def test_batch_layout(algorithm, mode, layout):
     config = base_config()
     config.algorithm, config.esgd.mode = algorithm, mode
-    assert flatjax.batch_layout(config) == layout
+    assert flatjax.training.batch_layout(config) == layout
 
 
 def test_batch_layout_rejects_unknown_algorithm():
     config = base_config()
     config.algorithm = "adam"
     with pytest.raises(ValueError, match="config.algorithm must be one of"):
-        flatjax.batch_layout(config)
+        flatjax.training.batch_layout(config)
 
 
 def test_shard_train_step_rejects_non_callable():
     state = _state(_config("sgd"), MLPTiny(num_classes=2))
     with pytest.raises(TypeError, match="train_step must be callable"):
-        flatjax.shard_train_step(None, flatjax.make_mesh(), state, "batch")
+        flatjax.training.shard_train_step(None, flatjax.make_mesh(), state, "batch")
 
 
 # --------------------------------------------------------------------- same numbers
@@ -262,10 +262,10 @@ def test_sharded_step_matches_one_device(algorithm, replicas, bn, replica_device
     state = _state(config, TinyBNMLP() if bn else MLPTiny(num_classes=2))
     n = replica_devices * data_devices
     mesh = flatjax.make_mesh(replica=replica_devices, data=data_devices, devices=_devices(n))
-    layout = flatjax.batch_layout(config)
-    step = flatjax.shard_train_step(make_train_step(config), mesh, state, layout)
+    layout = flatjax.training.batch_layout(config)
+    step = flatjax.training.shard_train_step(make_train_step(config), mesh, state, layout)
     batches = [flatjax.shard_batch(b, mesh, layout) for b in _batches(config, steps)]
-    state = flatjax.shard_train_state(state, mesh)
+    state = flatjax.training.shard_train_state(state, mesh)
     # device_get below drops shardings; check them on the live state first.
     one_step, _ = step(state, batches[0])
     leaf = jax.tree.leaves(one_step.params)[0]
@@ -369,8 +369,7 @@ def test_shard_map_rsgd_errors(kwargs, error, match):
 
 # --------------------------------------------------------------------- initialize_distributed
 
-_ENV = ("FLATJAX_COORDINATOR", "FLATJAX_NUM_PROCESSES", "FLATJAX_PROCESS_ID",
-        "FLATJAX_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+_ENV = ("FLATJAX_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
 @pytest.fixture
@@ -387,17 +386,16 @@ def fake_initialize(monkeypatch):
 @pytest.mark.parametrize(
     "env, kwargs, expected",
     [
-        ({}, {}, None),
-        ({"FLATJAX_NUM_PROCESSES": "1"}, {}, None),
-        ({"FLATJAX_COORDINATOR": "h:1", "FLATJAX_NUM_PROCESSES": "2", "FLATJAX_PROCESS_ID": "1"},
-         {}, dict(coordinator_address="h:1", num_processes=2, process_id=1)),
-        ({"JAX_COORDINATOR_ADDRESS": "h:2", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"},
-         {}, dict(coordinator_address="h:2", num_processes=4, process_id=3)),
-        ({"FLATJAX_COORDINATOR": "a:1", "JAX_COORDINATOR_ADDRESS": "b:1"},
-         dict(num_processes=2, process_id=0), dict(coordinator_address="a:1", num_processes=2,
-                                                   process_id=0)),
+        ({}, {}, None),  # nothing says multi-process: a no-op
+        ({"JAX_NUM_PROCESSES": "1"}, {}, None),
+        (dict(JAX_COORDINATOR_ADDRESS="h:2", JAX_NUM_PROCESSES="4", JAX_PROCESS_ID="3"),
+         {}, dict(num_processes=4, process_id=3)),  # JAX reads the address itself
+        ({"JAX_NUM_PROCESSES": "4"}, dict(coordinator_address="h:1", process_id=0),
+         dict(coordinator_address="h:1", num_processes=4, process_id=0)),
+        ({"JAX_PROCESS_ID": "1"}, dict(process_id=0, num_processes=2),
+         dict(process_id=0, num_processes=2)),  # arguments win over the environment
         ({"FLATJAX_DISTRIBUTED": "auto"}, {}, {}),
-        ({}, dict(auto=True, initialization_timeout=5), dict(initialization_timeout=5)),
+        ({}, dict(initialization_timeout=5), dict(initialization_timeout=5)),
     ],
 )
 def test_initialize_distributed_reads_environment(fake_initialize, monkeypatch, env, kwargs,
@@ -410,22 +408,28 @@ def test_initialize_distributed_reads_environment(fake_initialize, monkeypatch, 
 
 
 @pytest.mark.parametrize(
-    "env, kwargs, match",
+    "env, match",
     [
-        ({"FLATJAX_NUM_PROCESSES": "2"}, {}, "incomplete multi-process setting"),
-        ({"FLATJAX_NUM_PROCESSES": "two"}, {}, "FLATJAX_NUM_PROCESSES='two' must be an integer"),
-        ({}, dict(coordinator_address="h:1", num_processes=2, process_id=2),
-         r"process_id must be in \[0, 2\), got 2"),
-        ({}, dict(num_processes=0), "num_processes must be >= 1"),
-        ({"FLATJAX_DISTRIBUTED": "yes"}, {}, "FLATJAX_DISTRIBUTED must be 'auto' or unset"),
+        ({"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' must be an integer"),
+        ({"FLATJAX_DISTRIBUTED": "yes"}, "FLATJAX_DISTRIBUTED must be 'auto' or unset"),
     ],
 )
-def test_initialize_distributed_errors(fake_initialize, monkeypatch, env, kwargs, match):
+def test_initialize_distributed_errors(fake_initialize, monkeypatch, env, match):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError, match=match):
-        flatjax.initialize_distributed(**kwargs)
+        flatjax.initialize_distributed()
     assert fake_initialize == []
+
+
+def test_initialize_distributed_leaves_incomplete_settings_to_jax(monkeypatch):
+    """An incomplete setting reaches jax.distributed.initialize, which names what is missing."""
+    for name in _ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    with pytest.raises((ValueError, RuntimeError)):
+        flatjax.initialize_distributed(num_processes=2, process_id=0,
+                                       cluster_detection_method="deactivate")
 
 
 def test_initialize_distributed_is_idempotent(monkeypatch):
@@ -453,7 +457,7 @@ def test_docs_snippet_runs_on_the_mesh(capsys):
 
 def test_process_batch_slice_rejects_non_contiguous_shards(monkeypatch):
     """A process whose devices hold rows 0-1 and 4-5 of 8 cannot load one slice."""
-    import flatjax._distributed as dist
+    import flatjax._mesh as dist
 
     class Split:
         def addressable_devices_indices_map(self, shape):

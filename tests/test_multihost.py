@@ -37,9 +37,9 @@ def _launch(out_dir, ckpt_dir):
     for pid in range(2):
         env = dict(os.environ)
         env.update(
-            FLATJAX_COORDINATOR=f"localhost:{port}",
-            FLATJAX_NUM_PROCESSES="2",
-            FLATJAX_PROCESS_ID=str(pid),
+            JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(pid),
             XLA_FLAGS="--xla_force_host_platform_device_count=2 "
             "--xla_cpu_collective_call_terminate_timeout_seconds=600",
             JAX_PLATFORMS="cpu",

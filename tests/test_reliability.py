@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -191,3 +192,39 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_cmd_eval", interrupted)
     code, err = _cli_error(["eval", "--workdir", str(tmp_path)], capsys)
     assert code == 130 and "interrupted at step 5" in err
+
+
+def test_divergence_right_after_a_restore_blames_the_checkpoint(tmp_path):
+    """A checkpoint that passes its checksum but holds NaN params: the message says so."""
+    import jax
+
+    from tests.test_checkpoint import _state
+
+    train_and_evaluate(run_config("sgd", 1), tmp_path, model=TinyMLP(), data=blob_source())
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    state = ckpt.restore_latest(_state())
+    step, loop_state = ckpt.restored_step, ckpt.loop_state(ckpt.restored_step)
+    bad = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
+    shutil.rmtree(ckpt.step_dir(step))
+    ckpt.close()
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    ckpt.save(bad, loop_state=loop_state)  # written and hashed: the checksum passes
+    ckpt.close()
+    expected = f"after resuming from the checkpoint at step {step}"
+    with pytest.warns(UserWarning, match="changed config fields"), \
+            pytest.raises(NonFiniteError, match=expected):
+        train_and_evaluate(run_config("sgd", 2), tmp_path, model=TinyMLP(), data=blob_source())
+
+
+def test_a_refused_resume_writes_no_config_and_the_original_run_still_resumes(tmp_path):
+    from flatjax.training import CheckpointMismatchError
+
+    train_and_evaluate(run_config("sgd", 1), tmp_path, model=TinyMLP(), data=blob_source())
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(CheckpointMismatchError, match="does not match"):
+        train_and_evaluate(run_config("sgd", 1), tmp_path, model=TinyMLP(hidden=4),
+                           data=blob_source())
+    assert not (tmp_path / "config.json").exists()  # nothing rewritten by the refused run
+    out = train_and_evaluate(run_config("sgd", 2), tmp_path, model=TinyMLP(), data=blob_source())
+    assert out["epoch"] == 2.0
+    assert json.loads((tmp_path / "config.json").read_text())["num_epochs"] == 2

@@ -549,6 +549,17 @@ def test_tensorboard_puts_every_algorithm_on_the_gradient_evaluation_axis(blob_d
         np.testing.assert_allclose([v for _, v in events["test/error"]],
                                    [r["test_error"] for r in rows], rtol=1e-6)
         assert "train/loss" in events and "optimizer/coupling" in events
+        # Per-step scalars every log_every_steps steps, on the same axis.
+        steps = [s for s, _ in events["by_step/train_step/loss"]]
+        evals = {r["step"] for r in rows}  # the loop also fetches at evaluations
+        assert steps and all(s % config.log_every_steps == 0 or s in evals for s in steps)
+        assert len(steps) == len(set(steps))
+        per_step = rows[-1]["grad_evals"] // rows[-1]["step"]
+        assert [s for s, _ in events["train_step/loss"]] == [s * per_step for s in steps]
+        lr = dict(events["by_step/train_step/learning_rate"])
+        assert lr[steps[0]] == pytest.approx(config.learning_rate, rel=1e-5)  # constant
+        assert ("train_step/replica_distance" in events) == (name == "replicated_sgd")
+        assert os.listdir(workdir / "tensorboard" / "hparams")  # the HParams tab's run
         last[name] = (rows[-1]["step"], events["test/error"][-1][0])
     # One step costs 1 (SGD), L = 3 (Entropy-SGD) or y = 2 (Replicated-SGD) gradients.
     assert {name: g // s for name, (s, g) in last.items()} == {
@@ -556,7 +567,7 @@ def test_tensorboard_puts_every_algorithm_on_the_gradient_evaluation_axis(blob_d
 
 
 def test_untrained_center_is_flagged_not_reported():
-    from flatjax.training.loop import untrained_center
+    from flatjax.training.algorithms.replicated_sgd import untrained_center
 
     # The centre of unconverged replicas: far above them.
     why = untrained_center({"val_error": 73.0, "val_replica_error": [12.0, 15.0, 9.0]})

@@ -2,7 +2,7 @@
 
 The run: ``flatjax.training.make_train_step`` for Replicated-SGD (y replicas
 of ``--model`` on random 28×28 images, batch B per replica, Nesterov SGD,
-``rsgd.strategy='vmap'``), compiled for a mesh by ``flatjax.shard_train_step``
+``rsgd.strategy='vmap'``), compiled for a mesh by ``flatjax.training.shard_train_step``
 with the replicas spread over the devices (``make_mesh(replica=n)``; with
 ``--data`` the devices beyond y split each minibatch). The single-device
 run uses the same code on a 1×1 mesh.
@@ -21,7 +21,7 @@ run it with the real devices (no ``XLA_FLAGS``: ``--devices`` is then
 capped by ``jax.device_count()``).
 
 ``--modes jit,shard_map`` (the default) times both forms of the step:
-``jit`` is the training library's step under ``flatjax.shard_train_step``
+``jit`` is the training library's step under ``flatjax.training.shard_train_step``
 (XLA's GSPMD partitioner splits the vmapped replicas), ``shard_map`` the
 same update written per device with ``flatjax.rsgd_shard_map_step`` (each
 device runs its own replicas; constant coupling, as the ``jit`` run has
@@ -74,8 +74,8 @@ def _worker(args) -> dict:
     info = {"input_shape": (28, 28, 1), "num_train": 60000}
     state = create_train_state(config, model, info, jax.random.PRNGKey(0))
     if args.mode == "jit":
-        step = flatjax.shard_train_step(make_train_step(config), mesh, state, "replicas")
-        state = flatjax.shard_train_state(state, mesh)
+        step = flatjax.training.shard_train_step(make_train_step(config), mesh, state, "replicas")
+        state = flatjax.training.shard_train_state(state, mesh)
     else:  # the same update written per device: flatjax.rsgd_shard_map_step
         step, state = _shard_map_step(config, model, mesh, state)
     rng = np.random.default_rng(0)
@@ -146,7 +146,7 @@ def _shard_map_step(config, model, mesh, state):
     init, step = flatjax.rsgd_shard_map_step(
         loss_fn, mesh, base, config.rsgd.num_replicas, config.rsgd.coupling,
     )
-    params = flatjax.shard_train_state(state, mesh).params
+    params = flatjax.training.shard_train_state(state, mesh).params
     opt_state = init(params)
 
     def train_step(carry, batch):
@@ -196,8 +196,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", type=int, default=0,
                         help="data-axis size (0: all devices on the replica axis, up to y)")
     parser.add_argument("--modes", default="jit,shard_map",
-                        help="comma-separated: jit = flatjax.shard_train_step of the training "
-                        "step (GSPMD); shard_map = flatjax.rsgd_shard_map_step (per-device code)")
+                        help="comma-separated: jit = flatjax.training.shard_train_step of the "
+                        "training step (GSPMD); shard_map = flatjax.rsgd_shard_map_step "
+                        "(per-device code)")
     parser.add_argument("--mode", default="jit", help=argparse.SUPPRESS)
     parser.add_argument("--no-emulate", dest="emulate", action="store_false",
                         help="use the real devices (GPU/TPU) instead of emulated CPU devices")

@@ -5,6 +5,7 @@ Small testable functions in the style of the flax examples' ``train.py``:
 :func:`train_and_evaluate`; the configuration starts from :func:`base_config`.
 """
 
+from flatjax.training import algorithms
 from flatjax.training.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
@@ -30,6 +31,12 @@ from flatjax.training.metrics import (
     read_metrics,
     tensorboard_tag,
 )
+from flatjax.training.sharding import (
+    batch_layout,
+    shard_train_state,
+    shard_train_step,
+    train_state_sharding,
+)
 from flatjax.training.state import (
     TrainState,
     create_train_state,
@@ -40,6 +47,7 @@ from flatjax.training.state import (
 from flatjax.training.steps import NonFiniteError, check_finite, make_train_step
 
 __all__ = [
+    "algorithms",
     "Checkpointer",
     "CheckpointMismatchError",
     "CorruptCheckpointError",
@@ -68,6 +76,10 @@ __all__ = [
     "eval_params",
     "eval_variables",
     "make_optimizer",
+    "batch_layout",
+    "shard_train_state",
+    "shard_train_step",
+    "train_state_sharding",
     "NonFiniteError",
     "check_finite",
     "make_train_step",

@@ -67,14 +67,22 @@ class CorruptCheckpointError(RuntimeError):
 
 
 def checkpoint_tree(state: TrainState) -> dict:
-    """The pytree a checkpoint stores: ``step, params, batch_stats, opt_state, rng``."""
-    return {
+    """The pytree a checkpoint stores: ``step, params, batch_stats, opt_state, rng``.
+
+    Plus ``hparams`` when the state has measured hyperparameters (the
+    balanced γ_0 of Replicated-SGD), so that a restore rebuilds the same
+    optimizer without measuring again.
+    """
+    tree = {
         "step": state.step,
         "params": state.params,
         "batch_stats": state.batch_stats,
         "opt_state": state.opt_state,
         "rng": state.rng,
     }
+    if state.hparams:
+        tree["hparams"] = state.hparams
+    return tree
 
 
 MANIFEST = "flatjax.sha256"

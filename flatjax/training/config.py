@@ -24,17 +24,16 @@ What a step and an epoch cost (Pittorino et al. 2021, §2-3):
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
-import warnings
 from typing import NamedTuple
 
 import ml_collections
 
-__all__ = ["base_config", "validate_config", "plan_steps", "StepPlan"]
+from flatjax.training import algorithms
+from flatjax.training._checks import choice, fail, positive, unit_interval
 
-ALGORITHMS = ("sgd", "entropy_sgd", "replicated_sgd")
+__all__ = ["base_config", "validate_config", "plan_steps", "StepPlan"]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -121,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rsgd.center_batch_stats = "average"
 
     # Device mesh ("replica", "data"): replica × data devices. 1 × 1 runs on one
-    # device; larger meshes shard the unchanged step with flatjax.shard_train_step
+    # device; larger meshes shard the unchanged step with flatjax.training.shard_train_step
     # (replicas over "replica", each minibatch over "data"; docs/distributed.md).
     c.mesh = ml_collections.ConfigDict()
     c.mesh.replica = 1
@@ -152,33 +151,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _fail(name, value, expected):
-    raise ValueError(f"config.{name} must be {expected}, got {value!r}.")
-
-
-def _choice(config, name, choices):
-    value = config
-    for part in name.split("."):
-        value = value[part]
-    if value not in choices:
-        _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
-
-
-def _positive(config, name, *, integer=False, allow_zero=False, allow_none=False):
-    value = config
-    for part in name.split("."):
-        value = value[part]
-    if value is None and allow_none:
-        return
-    kind = numbers.Integral if integer else numbers.Real
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        what = "an integer" if integer else "a number"
-        what += " >= 0" if allow_zero else " > 0"
-        _fail(name, value, what + (" or None" if allow_none else ""))
-
-
 def _check_dataset_name(name: str) -> None:
     from flatjax.data import _pipeline  # lazy: flatjax.data imports tfds and grain
 
@@ -197,18 +169,6 @@ def _check_model_name(name: str) -> None:
         )
 
 
-def _check_coupling_max(esgd: ml_collections.ConfigDict) -> None:
-    """esgd.coupling_max is an absolute bound on γ: it must not be below a fixed γ_0."""
-    if esgd.coupling_max is None:
-        return
-    if esgd.coupling is not None and esgd.coupling_max < esgd.coupling:
-        raise ValueError(
-            f"config.esgd.coupling_max = {esgd.coupling_max!r} is below the initial coupling "
-            f"config.esgd.coupling = {esgd.coupling!r}; the coupling grows from esgd.coupling "
-            "up to esgd.coupling_max, so expected coupling_max >= coupling (or None: no cap)."
-        )
-
-
 def _check_data_dir(config: ml_collections.ConfigDict) -> None:
     """A data_dir other than the default must exist (flatjax would otherwise create it)."""
     data_dir = config.get("data_dir")
@@ -221,73 +181,6 @@ def _check_data_dir(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.data_dir = {data_dir!r} does not exist. Point it at the folder that "
             "holds the prepared datasets, or set it to None for the default."
-        )
-
-
-def _inner_coupling_bound(esgd: ml_collections.ConfigDict) -> float:
-    """b′: the largest η′(γ + λ′) at which Entropy-SGD's inner Nesterov step is stable."""
-    from flatjax._stability import stable_coupling_step
-
-    return float(stable_coupling_step(float(esgd.inner_momentum), True))
-
-
-def _check_esgd_inner_step(config: ml_collections.ConfigDict) -> None:
-    """Warns when η′ · γ_max reaches the inner step's bound b′ (γ will be clamped)."""
-    esgd = config.esgd
-    peaks = []
-    if esgd.coupling is not None:
-        peaks.append(float(esgd.coupling) * float(esgd.coupling_factor))
-    if esgd.coupling_max is not None:
-        peaks.append(float(esgd.coupling_max))
-    if not peaks:
-        return  # γ_0 is calibrated at run time; the run's stability clamp bounds γ
-    gamma_max = min(peaks)
-    eta = float(esgd.inner_learning_rate)
-    decay = esgd.inner_weight_decay if esgd.inner_weight_decay is not None else config.weight_decay
-    bound = _inner_coupling_bound(esgd)
-    if eta * (gamma_max + float(decay)) >= bound:
-        # The transform clamps γ at run time (clamp_fraction of this bound), so the
-        # run is stable, but not at the coupling the config asks for: say so.
-        warnings.warn(
-            f"config.esgd: the inner Langevin step would be unstable at the largest coupling "
-            f"and γ will be clamped: "
-            f"η′ · (γ_max + λ′) = {eta:g} · ({gamma_max:g} + {float(decay):g}) = "
-            f"{eta * (gamma_max + float(decay)):.4g}, but the inner SGD step (Nesterov "
-            f"β′ = {float(esgd.inner_momentum):g}) is stable only below {bound:.4g}. Lower "
-            "esgd.inner_learning_rate, esgd.coupling or esgd.coupling_factor, or set "
-            f"esgd.coupling_max below {bound / eta - float(decay):.4g}.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
-# One coupling update may multiply γ by at most this before flatjax warns.
-MAX_COUPLING_JUMP = 10.0
-
-
-def _check_rsgd_jump(config: ml_collections.ConfigDict) -> None:
-    """Warns when rsgd.coupling_per='epoch' makes γ jump by a large factor at once."""
-    rsgd = config.rsgd
-    if config.algorithm != "replicated_sgd" or rsgd.coupling_per != "epoch":
-        return
-    epochs = float(config.num_epochs)
-    if config.budget == "gradients":
-        epochs /= int(rsgd.num_replicas)
-    if epochs < 1:
-        return  # the one update lands at the end of the run, after the last step
-    updates = math.floor(epochs)
-    if rsgd.coupling_schedule == "exponential":
-        jump = float(rsgd.coupling_factor) ** (1.0 / updates)
-    else:  # linear and cosine: the first update is the largest relative jump
-        jump = 1.0 + (float(rsgd.coupling_factor) - 1.0) / updates
-    if jump > MAX_COUPLING_JUMP:
-        warnings.warn(
-            f"config.rsgd.coupling_per = 'epoch' with coupling_factor = "
-            f"{rsgd.coupling_factor:g} over {epochs:g} epochs multiplies γ by {jump:.3g} in "
-            "one step; the stability clamp of the explicit coupling step caps it, but the "
-            "replicas are yanked together. Use rsgd.coupling_per = 'step' for a smooth ramp.",
-            UserWarning,
-            stacklevel=3,
         )
 
 
@@ -309,68 +202,39 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       ...
       ValueError: config.algorithm must be one of 'sgd', ... got 'adam'.
     """
-    _choice(config, "algorithm", ALGORITHMS)
+    algorithms.get(config.algorithm)  # a valid name
     if not isinstance(config.dataset, str) or not config.dataset:
-        _fail("dataset", config.dataset, "a dataset name")
+        fail("dataset", config.dataset, "a dataset name")
     _check_dataset_name(config.dataset)
     if not isinstance(config.model, str) or not config.model:
-        _fail("model", config.model, "a model name")
+        fail("model", config.model, "a model name")
     _check_model_name(config.model)
-    _positive(config, "batch_size", integer=True)
-    _positive(config, "num_epochs")
-    _choice(config, "budget", ("epochs", "gradients"))
-    _positive(config, "learning_rate")
-    _choice(config, "lr_schedule", ("constant", "cosine"))
-    if not 0 <= config.momentum < 1:
-        _fail("momentum", config.momentum, "a number in [0, 1)")
-    _positive(config, "weight_decay", allow_zero=True)
+    positive(config, "batch_size", integer=True)
+    positive(config, "num_epochs")
+    choice(config, "budget", ("epochs", "gradients"))
+    positive(config, "learning_rate")
+    choice(config, "lr_schedule", ("constant", "cosine"))
+    unit_interval(config, "momentum")
+    positive(config, "weight_decay", allow_zero=True)
     if not isinstance(config.seed, numbers.Integral):
-        _fail("seed", config.seed, "an integer")
-    if not 0 <= config.validation_fraction < 1:
-        _fail("validation_fraction", config.validation_fraction, "a number in [0, 1)")
-    _positive(config, "mesh.replica", integer=True)
-    _positive(config, "mesh.data", integer=True)
-    _positive(config, "eval_every_epochs")
-    _positive(config, "checkpoint_every_epochs")
-    _positive(config, "keep_checkpoints", integer=True)
-    _choice(config, "nan_policy", ("stop", "skip"))
+        fail("seed", config.seed, "an integer")
+    unit_interval(config, "validation_fraction")
+    positive(config, "mesh.replica", integer=True)
+    positive(config, "mesh.data", integer=True)
+    positive(config, "eval_every_epochs")
+    positive(config, "checkpoint_every_epochs")
+    positive(config, "keep_checkpoints", integer=True)
+    choice(config, "nan_policy", ("stop", "skip"))
     skipped = config.get("max_skipped_fraction", 0.1)
     if isinstance(skipped, bool) or not isinstance(skipped, numbers.Real) or not 0 <= skipped <= 1:
-        _fail("max_skipped_fraction", skipped, "a number in [0, 1]")
-    _positive(config, "log_every_steps", integer=True)
-    _positive(config, "eval_batch_size", integer=True)
-
-    _positive(config, "esgd.inner_steps", integer=True)
-    _positive(config, "esgd.inner_learning_rate")
-    _positive(config, "esgd.noise", allow_zero=True)
-    if not 0 <= config.esgd.average < 1:
-        _fail("esgd.average", config.esgd.average, "a number in [0, 1)")
-    _positive(config, "esgd.inner_weight_decay", allow_zero=True, allow_none=True)
-    if not 0 <= config.esgd.inner_momentum < 1:
-        _fail("esgd.inner_momentum", config.esgd.inner_momentum, "a number in [0, 1)")
-    _positive(config, "esgd.coupling", allow_none=True)
-    _positive(config, "esgd.calibration_step", integer=True, allow_zero=True)
-    _choice(config, "esgd.outer_scale", ("coupling", "gradient", "none"))
-    if not config.esgd.coupling_factor >= 1:
-        _fail("esgd.coupling_factor", config.esgd.coupling_factor, "a number >= 1")
-    _positive(config, "esgd.coupling_max", allow_none=True)
-    _check_coupling_max(config.esgd)
-    _choice(config, "esgd.mode", ("scan", "stepwise"))
-    _choice(config, "esgd.batch_norm", ("walker", "anchor"))
-
-    _positive(config, "rsgd.num_replicas", integer=True)
-    _positive(config, "rsgd.coupling", allow_none=True)
-    _choice(config, "rsgd.coupling_step", ("explicit", "proximal"))
-    _positive(config, "rsgd.weight_decay", allow_zero=True, allow_none=True)
-    _positive(config, "rsgd.balance_batches", integer=True, allow_none=True)
-    if not config.rsgd.coupling_factor >= 1:
-        _fail("rsgd.coupling_factor", config.rsgd.coupling_factor, "a number >= 1")
-    _choice(config, "rsgd.coupling_schedule", ("exponential", "linear", "cosine"))
-    _choice(config, "rsgd.coupling_per", ("epoch", "step"))
-    _choice(config, "rsgd.strategy", ("auto", "vmap", "unroll"))
-    _choice(config, "rsgd.center_batch_stats", ("average", "recompute"))
-    _check_esgd_inner_step(config)
-    _check_rsgd_jump(config)
+        fail("max_skipped_fraction", skipped, "a number in [0, 1]")
+    positive(config, "log_every_steps", integer=True)
+    positive(config, "eval_batch_size", integer=True)
+    # Every algorithm's section is checked (a config may switch algorithm
+    # later); the warnings are the selected algorithm's only.
+    for algorithm in algorithms.ALGORITHMS.values():
+        algorithm.validate(config)
+    algorithms.get(config.algorithm).warn(config)
     _check_data_dir(config)
 
 
@@ -438,20 +302,8 @@ def plan_steps(config: ml_collections.ConfigDict, data_steps_per_epoch: int) -> 
             "data_steps_per_epoch must be an integer >= 1 (is the training set smaller than "
             f"one batch of {config.batch_size}?), got {data_steps_per_epoch!r}."
         )
-    spe = float(data_steps_per_epoch)
-    gradients = config.budget == "gradients"
-    outer = 1.0
-    if config.algorithm == "sgd":
-        per_epoch, grads = spe, 1
-    elif config.algorithm == "entropy_sgd":
-        big_l = int(config.esgd.inner_steps)
-        if config.esgd.mode == "scan":
-            per_epoch, grads = (spe / big_l if gradients else spe), big_l
-        else:
-            per_epoch, grads, outer = (spe if gradients else spe * big_l), 1, 1.0 / big_l
-    else:
-        y = int(config.rsgd.num_replicas)
-        per_epoch, grads = (spe / y if gradients else spe), y
+    cost = algorithms.get(config.algorithm).step_cost(config, int(data_steps_per_epoch))
+    per_epoch = cost.steps_per_epoch
 
     def steps(epochs):
         return max(1, int(round(epochs * per_epoch)))
@@ -467,8 +319,8 @@ def plan_steps(config: ml_collections.ConfigDict, data_steps_per_epoch: int) -> 
         total_steps=steps(config.num_epochs),
         steps_per_epoch=per_epoch,
         data_steps_per_epoch=int(data_steps_per_epoch),
-        grads_per_step=grads,
-        outer_steps_per_step=outer,
+        grads_per_step=int(cost.grads_per_step),
+        outer_steps_per_step=float(cost.outer_steps_per_step),
         eval_every=steps(config.eval_every_epochs),
         checkpoint_every=steps(config.checkpoint_every_epochs),
     )

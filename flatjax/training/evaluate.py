@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flatjax._losses import misclassified, softmax_cross_entropy
+
 __all__ = ["evaluate", "evaluate_replicas"]
 
 
@@ -26,10 +28,10 @@ def _log_probs(apply_fn, variables, x):
     return jax.nn.log_softmax(apply_fn(variables, x, train=False))
 
 
-def _sums(log_probs, y, mask):
-    nll = -jnp.take_along_axis(log_probs, y[:, None], axis=1)[:, 0]
-    wrong = (jnp.argmax(log_probs, -1) != y).astype(jnp.float32)
-    return jnp.sum(nll * mask), jnp.sum(wrong * mask)
+def _sums(logits, y, mask):
+    """Masked sums of the cross-entropy and of the 0/1 error (``flatjax._losses``)."""
+    return (jnp.sum(softmax_cross_entropy(logits, y) * mask),
+            jnp.sum(misclassified(logits, y) * mask))
 
 
 @functools.partial(jax.jit, static_argnums=0)

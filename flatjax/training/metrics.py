@@ -15,7 +15,11 @@ under ``<workdir>/tensorboard``, with grouped tags (``test/error``,
 ``train/loss``, ``optimizer/coupling``, see :func:`tensorboard_tag`) whose
 x-axis is the number of gradient evaluations, the axis on which SGD,
 Entropy-SGD and Replicated-SGD runs compare; the same scalars against
-training steps are under ``by_step/``. :func:`plot_curves` draws them to PNG.
+training steps are under ``by_step/``. Every ``config.log_every_steps``
+steps the training scalars of one step (loss, error, learning rate,
+coupling, gradient norm, centre distance) go under ``train_step/``, and
+the run's hyperparameters with its final metrics to the HParams tab.
+:func:`plot_curves` draws them to PNG.
 """
 
 from __future__ import annotations
@@ -205,6 +209,31 @@ class MetricsWriter:
                 self._tb.add_scalar(f"by_step/{tag}", value, global_step=step)
             self._tb.flush()
 
+    def log_step(self, step: int, grad_evals: int, scalars: dict) -> None:
+        """TensorBoard scalars of one training step, under ``train_step/`` (and ``by_step/``).
+
+        The loop calls it every ``config.log_every_steps`` steps with the
+        step's minibatch loss and error, the learning rate, the applied
+        coupling γ, the gradient norm and, for Replicated-SGD, the replicas'
+        mean squared distance to their centre.
+        """
+        if self._tb is None:
+            return
+        for key, value in scalars.items():
+            if math.isfinite(float(value)):
+                self._tb.add_scalar(f"train_step/{key}", float(value), global_step=grad_evals)
+                self._tb.add_scalar(f"by_step/train_step/{key}", float(value), global_step=step)
+
+    def log_hparams(self, hparams: dict, metrics: dict) -> None:
+        """The run's hyperparameters and final metrics for TensorBoard's HParams tab."""
+        if self._tb is None:
+            return
+        flat = {k: v for k, v in hparams.items() if isinstance(v, (bool, int, float, str))}
+        scores = {f"hparam/{k}": float(v) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and math.isfinite(float(v))}
+        self._tb.add_hparams(flat, scores, name="hparams")
+
     def close(self) -> None:
         """Closes the bar and the TensorBoard writer."""
         self._bar.close()
@@ -216,6 +245,14 @@ class MetricsWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _curve_label(key: str) -> str:
+    """``test_replica_error`` -> ``test, replicas (mean)``; ``train_loss`` -> ``train``."""
+    split, _, rest = key.partition("_")
+    kind = rest.rpartition("_")[0]
+    what = {"": "", "replica": ", replicas (mean)", "ensemble": ", ensemble"}.get(kind, f", {kind}")
+    return split + what
 
 
 def plot_curves(rows: list[dict], path: str | os.PathLike, *, title: str = "") -> None:
@@ -239,18 +276,21 @@ def plot_curves(rows: list[dict], path: str | os.PathLike, *, title: str = "") -
     matplotlib.use("Agg")
     plt = require("matplotlib.pyplot", "plot_curves")
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    coupled = any(float(r.get("coupling", 0.0)) > 0 for r in rows)
+    fig, axes = plt.subplots(1, 3 if coupled else 2, figsize=(13 if coupled else 9, 3.6))
     x = [r.get("effective_epochs", r["epoch"]) for r in rows]
     for ax, what in zip(axes[:2], ("loss", "error"), strict=True):
         for key in sorted({k for r in rows for k in r if k.endswith("_" + what)}):
-            if key.startswith("replica_"):
-                continue
-            ax.plot(x, [r.get(key, math.nan) for r in rows], marker=".", label=key)
+            values = [r.get(key, math.nan) for r in rows]
+            if any(isinstance(v, (list, tuple)) for v in values):  # one value per replica
+                values = [sum(v) / len(v) if isinstance(v, (list, tuple)) and v else math.nan
+                          for v in values]
+            ax.plot(x, values, marker=".", label=_curve_label(key))
         ax.set_ylabel(what + (" (%)" if what == "error" else ""))
         ax.legend(fontsize=8)
-    axes[2].plot(x, [r.get("coupling", 0.0) for r in rows], marker=".")
-    axes[2].set_ylabel("coupling γ")
-    if any(r.get("coupling", 0.0) > 0 for r in rows):
+    if coupled:
+        axes[2].plot(x, [r.get("coupling", 0.0) for r in rows], marker=".")
+        axes[2].set_ylabel("coupling γ")
         axes[2].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("effective epochs (gradient evaluations / (N/B))")

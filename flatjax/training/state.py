@@ -17,7 +17,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -27,16 +26,15 @@ import ml_collections
 import optax
 from flax import struct
 
+from flatjax.training import algorithms
 from flatjax.training.config import StepPlan, plan_steps, validate_config
 
 __all__ = [
     "TrainState",
     "create_train_state",
     "make_optimizer",
-    "rsgd_weight_decay",
     "eval_params",
     "eval_variables",
-    "esgd_scan_aux",
     "info_field",
 ]
 
@@ -57,6 +55,10 @@ class TrainState(struct.PyTreeNode):
       tx: the Optax transformation (static).
       algorithm: 'sgd', 'entropy_sgd' or 'replicated_sgd' (static); decides
         which params :func:`eval_params` returns.
+      hparams: hyperparameters measured at initialisation (float32 scalars;
+        Replicated-SGD's balanced γ_0 as ``{'coupling': γ_0}``, ``{}``
+        otherwise). They are checkpointed, so a resumed run rebuilds its
+        optimizer from them instead of measuring again.
     """
 
     step: jax.Array
@@ -67,6 +69,7 @@ class TrainState(struct.PyTreeNode):
     apply_fn: Callable = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     algorithm: str = struct.field(pytree_node=False, default="sgd")
+    hparams: Any = struct.field(default_factory=dict)
 
     @classmethod
     def create(cls, *, apply_fn, params, tx, batch_stats=None, rng=None,
@@ -96,10 +99,10 @@ class TrainState(struct.PyTreeNode):
           >>> int(state.step), bool(jnp.all(state.params < 1))
           (1, True)
         """
-        if algorithm not in ("sgd", "entropy_sgd", "replicated_sgd"):
+        if algorithm not in algorithms.ALGORITHMS:
             raise ValueError(
-                "algorithm must be 'sgd', 'entropy_sgd' or 'replicated_sgd', "
-                f"got {algorithm!r}."
+                "algorithm must be one of "
+                + ", ".join(repr(n) for n in algorithms.ALGORITHMS) + f", got {algorithm!r}."
             )
         return cls(
             step=jnp.zeros((), jnp.int32),
@@ -160,67 +163,31 @@ def info_field(info, *names, default=None):
     raise ValueError(f"The dataset info {info!r} has none of the fields {names}.")
 
 
-def esgd_scan_aux(batch_stats):
-    """The value Entropy-SGD's scan step threads through its inner steps.
-
-    ``(batch statistics, Σ loss, Σ error %, max ‖g‖)`` over the inner
-    minibatches: the walker's BatchNorm statistics ('walker' mode; carried
-    unchanged otherwise) and the training metrics of the L gradient
-    evaluations, so no forward pass is repeated for them. The optimizer
-    state holds it from step 0 (its structure never changes).
-    """
-    zero = jnp.zeros((), jnp.float32)
-    return (batch_stats, zero, zero, zero)
-
-
-def _lr_schedule(config, total):
-    if config.lr_schedule == "cosine":
-        return optax.cosine_decay_schedule(config.learning_rate, total)
-    return config.learning_rate
-
-
-def _rsgd_coupling(config, plan, init_value):
-    import flatjax
-
-    per_step = config.rsgd.coupling_per == "step"
-    every = 1 if per_step else max(1, min(plan.total_steps, plan.data_steps_per_epoch))
-    schedule = {
-        "exponential": flatjax.exponential_coupling,
-        "linear": flatjax.linear_coupling,
-        "cosine": flatjax.cosine_coupling,
-    }[config.rsgd.coupling_schedule]
-    return schedule(
-        init_value, plan.total_steps, config.rsgd.coupling_factor, steps_per_update=every
-    )
-
-
 def make_optimizer(
     config: ml_collections.ConfigDict,
     plan: StepPlan,
     *,
-    has_batch_stats: bool = False,
-    rsgd_coupling: float | None = None,
+    hparams: Mapping[str, Any] | None = None,
 ) -> optax.GradientTransformation:
     """The Optax transformation ``config`` asks for.
 
     SGD: ``chain(add_decayed_weights(λ), sgd(η, momentum, nesterov))``.
-    Entropy-SGD: :func:`flatjax.entropy_sgd` (scan mode, ``has_aux=True``: the
-    step threads :func:`esgd_scan_aux` through the inner steps) or
-    :func:`flatjax.entropy_sgd_stepwise` with γ_t =
+    Entropy-SGD: :func:`flatjax.entropy_sgd` (scan mode, ``has_aux=True``)
+    or :func:`flatjax.entropy_sgd_stepwise` with γ_t =
     :func:`flatjax.exponential_coupling` over the run's outer steps (γ_0 =
     ``esgd.coupling``, or calibrated at outer step ``esgd.calibration_step``
     when it is None), the authors' γ-scaled outer step and Nesterov inner
-    momentum. Replicated-SGD: :func:`flatjax.replicate` (the explicit rule,
-    coupling inside the Nesterov gradient) of the SGD above with weight decay
-    :func:`rsgd_weight_decay`, γ(t) growing by ``rsgd.coupling_factor`` per
-    ``rsgd.coupling_schedule``.
+    momentum. Replicated-SGD: :func:`flatjax.replicated_sgd` (the explicit
+    rule, coupling inside the Nesterov gradient) with each replica's weight
+    decay y · λ (``rsgd.weight_decay`` overrides it), γ(t) growing by
+    ``rsgd.coupling_factor`` per ``rsgd.coupling_schedule``. Each is built by
+    its module in :mod:`flatjax.training.algorithms`.
 
     Args:
       config: a validated config.
       plan: the run's :class:`flatjax.training.StepPlan`.
-      has_batch_stats: whether the model has BatchNorm statistics.
-      rsgd_coupling: γ_0 for Replicated-SGD when ``rsgd.coupling`` is None
-        (the balanced value, measured by :func:`create_train_state`).
+      hparams: measured hyperparameters (a state's ``hparams``): Replicated-SGD's
+        ``{'coupling': γ_0}`` when ``rsgd.coupling`` is None.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -232,92 +199,7 @@ def make_optimizer(
       >>> type(tx).__name__
       'GradientTransformationExtraArgs'
     """
-    if config.algorithm == "sgd":
-        return optax.chain(
-            optax.add_decayed_weights(config.weight_decay),
-            optax.sgd(
-                _lr_schedule(config, plan.total_steps), config.momentum, config.nesterov
-            ),
-        )
-    import flatjax
-
-    if config.algorithm == "entropy_sgd":
-        e = config.esgd
-        calibrate = e.coupling is None
-        coupling = flatjax.exponential_coupling(
-            1.0 if calibrate else e.coupling, plan.total_outer_steps, e.coupling_factor
-        )
-        stepwise = e.mode == "stepwise"
-        factory = (flatjax.entropy_sgd_stepwise if stepwise
-                   else functools.partial(flatjax.entropy_sgd, has_aux=True))
-        inner_wd = config.weight_decay if e.inner_weight_decay is None else e.inner_weight_decay
-        return factory(
-            _lr_schedule(config, plan.total_outer_steps),
-            e.inner_steps,
-            coupling,
-            inner_learning_rate=e.inner_learning_rate,
-            noise=e.noise,
-            average_weight=e.average,
-            inner_weight_decay=inner_wd,
-            inner_momentum=e.inner_momentum,
-            momentum=config.momentum,
-            nesterov=config.nesterov,
-            weight_decay=config.weight_decay,
-            outer_scale=e.outer_scale,
-            seed=config.seed,
-            calibrate_coupling=calibrate,
-            calibration_step=e.calibration_step,
-            max_coupling=e.coupling_max,
-        )
-    r = config.rsgd
-    gamma0 = r.coupling if r.coupling is not None else rsgd_coupling
-    if gamma0 is None:
-        raise ValueError(
-            "rsgd.coupling is None (balanced γ_0) but no measured rsgd_coupling was given; "
-            "create_train_state measures it from training batches (balance_batches=)."
-        )
-    return flatjax.replicated_sgd(
-        _lr_schedule(config, plan.total_steps),
-        r.num_replicas,
-        _rsgd_coupling(config, plan, float(gamma0)),
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=rsgd_weight_decay(config),
-        coupling_step=r.coupling_step,
-    )
-
-
-def rsgd_weight_decay(config: ml_collections.ConfigDict) -> float:
-    """Each replica's weight decay: ``rsgd.weight_decay``, or y · ``weight_decay``.
-
-    The authors' code multiplies the learning rate by y to undo the 1/y of its
-    replica-averaged loss; PyTorch scales the weight decay by the learning rate,
-    so each of their replicas decays with y · wd. ``rsgd.weight_decay = None``
-    reproduces that.
-
-    Example:
-      >>> from flatjax.training import base_config
-      >>> from flatjax.training.state import rsgd_weight_decay
-      >>> rsgd_weight_decay(base_config())  # y = 3, wd = 5e-4
-      0.0015
-    """
-    if config.rsgd.weight_decay is not None:
-        return float(config.rsgd.weight_decay)
-    return float(config.rsgd.num_replicas * config.weight_decay)
-
-
-def _init_variables(config, model, info, rng):
-    shape = tuple(info_field(info, "input_shape", "shape", "image_shape"))
-    dummy = jnp.zeros((1, *shape), jnp.float32)
-
-    def init(key, x):
-        return model.init({"params": key, "dropout": key}, x, train=False)
-
-    if config.algorithm == "replicated_sgd":
-        import flatjax
-
-        return flatjax.init_replicas(init, rng, config.rsgd.num_replicas, dummy)
-    return init(rng, dummy)
+    return algorithms.get(config.algorithm).make_optimizer(config, plan, hparams or {})
 
 
 def create_train_state(
@@ -328,6 +210,7 @@ def create_train_state(
     *,
     plan: StepPlan | None = None,
     balance_batches: Iterable[Mapping[str, Any]] | None = None,
+    hparams: Mapping[str, Any] | None = None,
 ) -> TrainState:
     """Initialises the model (y replicas for Replicated-SGD) and the optimizer.
 
@@ -346,6 +229,8 @@ def create_train_state(
         mean_a ‖wᵃ − c‖² is measured when ``rsgd.coupling`` is None: the mean
         training loss of each replica at initialisation, networks in
         evaluation mode (the authors' rule; :func:`flatjax.balanced_coupling`).
+      hparams: measured hyperparameters to use instead of measuring them (a
+        checkpointed state's ``hparams``).
 
     Returns:
       A :class:`TrainState` at step 0.
@@ -361,62 +246,51 @@ def create_train_state(
       ((4, 16), 0)
     """
     validate_config(config)
+    return build_train_state(config, model, info, rng, plan=plan,
+                             balance_batches=balance_batches, hparams=hparams)
+
+
+def build_train_state(config, model, info, rng, *, plan=None, balance_batches=None,
+                      hparams=None) -> TrainState:
+    """:func:`create_train_state` for a config that was already validated."""
+    algorithm = algorithms.get(config.algorithm)
     if plan is None:
         num_train = int(info_field(info, "num_train", "num_train_examples", "train_size"))
         num_train = int(num_train * (1 - config.validation_fraction))
         plan = plan_steps(config, num_train // config.batch_size)
     init_rng, state_rng = jax.random.split(rng)
-    variables = _init_variables(config, model, info, init_rng)
+    shape = tuple(info_field(info, "input_shape", "shape", "image_shape"))
+    dummy = jnp.zeros((1, *shape), jnp.float32)
+
+    def init(key, x):
+        return model.init({"params": key, "dropout": key}, x, train=False)
+
+    variables = algorithm.init_variables(config, init, init_rng, dummy)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
-    rsgd_coupling = None
-    if config.algorithm == "replicated_sgd" and config.rsgd.coupling is None:
-        if balance_batches is None:
-            raise ValueError(
-                "rsgd.coupling is None (balanced γ_0): create_train_state needs "
-                "balance_batches= (training batches without replica axis) to measure it, "
-                "or set config.rsgd.coupling to a number."
-            )
-        rsgd_coupling = _balanced_rsgd_coupling(model.apply, params, batch_stats, balance_batches)
-    tx = make_optimizer(
-        config, plan, has_batch_stats=bool(batch_stats), rsgd_coupling=rsgd_coupling
-    )
-    opt_state = tx.init(params)
-    if config.algorithm == "entropy_sgd" and config.esgd.mode == "scan":
-        opt_state = opt_state._replace(aux=esgd_scan_aux(batch_stats))
+    if hparams is None:
+        hparams = algorithm.measure(config, model.apply, params, batch_stats, balance_batches)
+    hparams = dict(hparams)
+    tx = algorithm.make_optimizer(config, plan, hparams)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
-        opt_state=opt_state,
+        opt_state=algorithm.init_opt_state(config, tx, params, batch_stats),
         rng=state_rng,
         apply_fn=model.apply,
         tx=tx,
         algorithm=config.algorithm,
+        hparams=hparams,
     )
 
 
-def _balanced_rsgd_coupling(apply_fn, params, batch_stats, batches) -> float:
-    import flatjax
-    from flatjax.training.steps import cross_entropy
-
-    @jax.jit
-    def losses_on(batch):
-        def loss(p, s):
-            variables = {"params": p, **({"batch_stats": s} if s else {})}
-            logits = apply_fn(variables, batch["image"], train=False)
-            return cross_entropy(logits, batch["label"]) * batch["label"].shape[0]
-
-        return jax.vmap(loss)(params, batch_stats)
-
-    total, count = 0.0, 0
-    for batch in batches:
-        batch = {k: jnp.asarray(batch[k]) for k in ("image", "label")}
-        total = total + losses_on(batch)
-        count += int(batch["label"].shape[0])
-    if count == 0:
-        raise ValueError("balance_batches is empty; the balanced γ_0 needs training batches.")
-    return float(flatjax.balanced_coupling(total / count, params))
+def with_saved_hparams(state: TrainState, config, plan: StepPlan) -> TrainState:
+    """``state`` with its optimizer rebuilt from its own (restored) ``hparams``."""
+    if not state.hparams:
+        return state
+    hparams = {k: float(v) for k, v in state.hparams.items()}
+    return state.replace(tx=algorithms.get(config.algorithm).make_optimizer(config, plan, hparams))
 
 
 def eval_params(state: TrainState):
@@ -443,15 +317,7 @@ def eval_params(state: TrainState):
       >>> eval_params(state) is state.params
       True
     """
-    if state.algorithm == "entropy_sgd":
-        import flatjax
-
-        return flatjax.entropy_sgd_eval_params(state.opt_state, state.params)
-    if state.algorithm == "replicated_sgd":
-        import flatjax
-
-        return flatjax.replicate_eval_params(state.opt_state, state.params)
-    return state.params
+    return algorithms.get(state.algorithm).eval_params(state)
 
 
 def eval_variables(state: TrainState, *, center_batch_stats: str = "average", batches=None):
@@ -486,21 +352,9 @@ def eval_variables(state: TrainState, *, center_batch_stats: str = "average", ba
         raise ValueError(
             f"center_batch_stats must be 'average' or 'recompute', got {center_batch_stats!r}."
         )
-    params = eval_params(state)
-    stats = state.batch_stats
-    if not stats:
+    algorithm = algorithms.get(state.algorithm)
+    params = algorithm.eval_params(state)
+    if not state.batch_stats:
         return {"params": params}
-    if state.algorithm == "replicated_sgd":
-        import flatjax
-
-        stats = flatjax.average_batch_stats(stats)
-        if center_batch_stats == "recompute":
-            if batches is None:
-                raise ValueError("center_batch_stats='recompute' needs batches= of training data.")
-            apply = functools.partial(state.apply_fn, train=True, mutable=["batch_stats"])
-            images = (batch["image"] for batch in batches)
-            variables = flatjax.recompute_batch_stats(
-                apply, {"params": params, "batch_stats": stats}, images
-            )
-            stats = variables["batch_stats"]
+    stats = algorithm.eval_batch_stats(state, params, center_batch_stats, batches)
     return {"params": params, "batch_stats": stats}

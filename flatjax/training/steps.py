@@ -20,6 +20,8 @@ What ``batch`` holds and what one step costs:
   evaluations, per-replica loss and gradient mapped with
   :func:`flatjax.replica_map` (``rsgd.strategy``).
 
+Each algorithm's step lives in its module of :mod:`flatjax.training.algorithms`.
+
 NaN/inf policy (``config.nan_policy``): the step computes a ``finite`` flag
 (loss, gradient norm, new params' norm and, for Replicated-SGD, the replicas'
 distance to the centre). 'skip' keeps the old params, statistics and
@@ -34,47 +36,12 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
 
-from flatjax.training.state import TrainState, esgd_scan_aux
+from flatjax._losses import cross_entropy, error_percent
+from flatjax.training import algorithms
 
 __all__ = ["make_train_step", "cross_entropy", "error_percent", "check_finite", "NonFiniteError"]
-
-
-def cross_entropy(logits, labels):
-    """Mean softmax cross-entropy with integer labels."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def error_percent(logits, labels):
-    """Percentage of examples whose arg-max class is not the label."""
-    return 100.0 * jnp.mean(jnp.argmax(logits, -1) != labels)
-
-
-def _loss_fn(apply_fn, params, batch_stats, batch, key):
-    """Training-mode loss; returns (loss, (error %, new batch_stats))."""
-    if batch_stats:
-        logits, mutated = apply_fn(
-            {"params": params, "batch_stats": batch_stats},
-            batch["image"],
-            train=True,
-            rngs={"dropout": key},
-            mutable=["batch_stats"],
-        )
-        batch_stats = mutated["batch_stats"]
-    else:
-        logits = apply_fn({"params": params}, batch["image"], train=True, rngs={"dropout": key})
-    loss = cross_entropy(logits, batch["label"])
-    return loss, (error_percent(logits, batch["label"]), batch_stats)
-
-
-def _anchor_stats(apply_fn, params, batch_stats, batch, key):
-    """BatchNorm statistics after one training-mode forward pass at ``params``."""
-    if not batch_stats:
-        return batch_stats
-    return _loss_fn(apply_fn, params, batch_stats, batch, key)[1][1]
 
 
 class NonFiniteError(FloatingPointError):
@@ -106,182 +73,6 @@ def check_finite(metrics: dict, step: int) -> None:
                 "Lower the learning rate or bound the coupling (esgd.coupling_max; "
                 "rsgd.coupling), or set config.nan_policy='skip' to skip such updates."
             )
-
-
-def _guard(old: TrainState, new: TrainState, metrics: dict, policy: str):
-    metrics["param_norm"] = optax.global_norm(new.params)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    finite &= jnp.isfinite(metrics["param_norm"])
-    if "replica_distance" in metrics:
-        finite &= jnp.isfinite(metrics["replica_distance"])
-    metrics["finite"] = finite
-    if policy == "skip":
-        kept = old.replace(step=new.step, rng=new.rng)
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
-    return new, metrics
-
-
-def _split(state: TrainState):
-    rng, key = jax.random.split(state.rng)
-    return state.replace(rng=rng), key
-
-
-def _esgd_state(opt_state):
-    from flatjax._entropy_sgd import _find_state
-
-    return _find_state(opt_state)
-
-
-def _sgd_step(config):
-    def step(state, batch):
-        state0 = state
-        state, key = _split(state)
-        grad_fn = jax.value_and_grad(_loss_fn, argnums=1, has_aux=True)
-        (loss, (error, stats)), grads = grad_fn(
-            state.apply_fn, state.params, state.batch_stats, batch, key
-        )
-        new = state.apply_gradients(grads=grads).replace(batch_stats=stats)
-        metrics = {
-            "loss": loss,
-            "error": error,
-            "grad_norm": optax.global_norm(grads),
-            "coupling": jnp.zeros((), jnp.float32),
-            "requested_coupling": jnp.zeros((), jnp.float32),
-        }
-        return _guard(state0, new, metrics, config.nan_policy)
-
-    return step
-
-
-def _esgd_scan_step(config):
-    import flatjax
-
-    num_inner = int(config.esgd.inner_steps)
-    walker_mode = config.esgd.batch_norm == "walker"
-
-    def step(state, batches):
-        state0 = state
-        state, key = _split(state)
-        keys = jax.random.split(key, num_inner)
-        pick = lambda i: jax.tree.map(lambda a: a[i], batches)
-        value_and_grad = jax.value_and_grad(_loss_fn, argnums=1, has_aux=True)
-        carry_stats = bool(state.batch_stats) and walker_mode
-
-        def gradient(params, stats, i, aux):
-            """One inner gradient; aux (esgd_scan_aux) accumulates stats and metrics."""
-            (loss, (error, new_stats)), grads = value_and_grad(
-                state.apply_fn, params, stats, pick(i), keys[i]
-            )
-            old_stats, loss_sum, error_sum, norm_max = aux
-            aux = (
-                new_stats if carry_stats else old_stats,
-                loss_sum + loss,
-                error_sum + error,
-                jnp.maximum(norm_max, optax.global_norm(grads)),
-            )
-            return (loss, aux), grads
-
-        def grad_fn(walker, i, aux):
-            # 'walker' mode: the statistics follow the walker (the authors' code).
-            return gradient(walker, aux[0] if carry_stats else state.batch_stats, i, aux)
-
-        # Inner step 0 starts at the anchor: its gradient is the usual one.
-        zero = esgd_scan_aux(state.batch_stats)
-        (loss0, aux0), grads0 = gradient(state.params, state.batch_stats, 0, zero)
-        new = state.apply_gradients(grads=grads0, grad_fn=grad_fn, value=loss0, aux=aux0)
-        stats, loss_sum, error_sum, norm_max = flatjax.entropy_sgd_aux(new.opt_state)
-        if state.batch_stats and not walker_mode:
-            # 'anchor' mode: one forward pass at the new x, on minibatch L−1.
-            stats = _anchor_stats(
-                state.apply_fn, new.params, state.batch_stats, pick(num_inner - 1), keys[-1]
-            )
-        # The state's aux restarts from zero sums (its structure never changes).
-        opt_state = new.opt_state._replace(aux=esgd_scan_aux(stats))
-        new = new.replace(batch_stats=stats, opt_state=opt_state)
-        metrics = {
-            "loss": loss_sum / num_inner,
-            "error": error_sum / num_inner,
-            "grad_norm": norm_max,
-            "coupling": flatjax.entropy_sgd_coupling(new.opt_state),
-            "requested_coupling": _esgd_state(new.opt_state).requested_coupling,
-        }
-        return _guard(state0, new, metrics, config.nan_policy)
-
-    return step
-
-
-def _esgd_stepwise_step(config):
-    import flatjax
-
-    def step(state, batch):
-        state0 = state
-        state, key = _split(state)
-        value_and_grad = jax.value_and_grad(_loss_fn, argnums=1, has_aux=True)
-        (loss, (error, stats)), grads = value_and_grad(
-            state.apply_fn, state.params, state.batch_stats, batch, key
-        )
-        new = state.apply_gradients(grads=grads, value=loss)
-        if config.esgd.batch_norm == "anchor":
-            anchor = flatjax.entropy_sgd_eval_params(new.opt_state, new.params)
-            stats = _anchor_stats(state.apply_fn, anchor, state.batch_stats, batch, key)
-        new = new.replace(batch_stats=stats)
-        metrics = {
-            "loss": loss,
-            "error": error,
-            "grad_norm": optax.global_norm(grads),
-            "coupling": flatjax.entropy_sgd_coupling(new.opt_state),
-            "requested_coupling": _esgd_state(new.opt_state).requested_coupling,
-        }
-        return _guard(state0, new, metrics, config.nan_policy)
-
-    return step
-
-
-def replica_strategy(config) -> dict:
-    """``replica_map`` arguments for ``config``: on a mesh with a sharded replica
-    axis the replicas are vmapped with ``spmd_axis_name="replica"``, so that each
-    device computes only its own replicas."""
-    if int(config.mesh.replica) > 1:
-        return {"strategy": "vmap", "spmd_axis_name": "replica"}
-    return {"strategy": config.rsgd.strategy}
-
-
-def _rsgd_step(config):
-    import flatjax
-
-    num_replicas = int(config.rsgd.num_replicas)
-
-    def per_replica(apply_fn):
-        def fn(params, batch_stats, batch, key):
-            value_and_grad = jax.value_and_grad(_loss_fn, argnums=1, has_aux=True)
-            (loss, (error, stats)), grads = value_and_grad(
-                apply_fn, params, batch_stats, batch, key
-            )
-            return loss, error, stats, grads
-
-        return fn
-
-    def step(state, batches):
-        state0 = state
-        state, key = _split(state)
-        keys = jax.random.split(key, num_replicas)
-        mapped = flatjax.replica_map(per_replica(state.apply_fn), **replica_strategy(config))
-        loss, error, stats, grads = mapped(state.params, state.batch_stats, batches, keys)
-        new = state.apply_gradients(grads=grads).replace(batch_stats=stats)
-        center = flatjax.replica_center(new.params)
-        sq = jax.tree.map(lambda w, c: jnp.sum((w - c) ** 2, axis=tuple(range(1, w.ndim))),
-                          new.params, center)
-        metrics = {
-            "loss": loss.mean(),
-            "error": error.mean(),
-            "grad_norm": optax.global_norm(grads),
-            "replica_distance": sum(jax.tree.leaves(sq)).mean(),
-            "coupling": jnp.asarray(flatjax.replicate_coupling(new.opt_state), jnp.float32),
-            "requested_coupling": new.opt_state.requested_coupling,
-        }
-        return _guard(state0, new, metrics, config.nan_policy)
-
-    return step
 
 
 def make_train_step(config: ml_collections.ConfigDict):
@@ -321,17 +112,4 @@ def make_train_step(config: ml_collections.ConfigDict):
       (1, ['coupling', 'error', 'finite', 'grad_norm', 'loss', 'param_norm',
            'requested_coupling'])
     """
-    if config.algorithm == "sgd":
-        step = _sgd_step(config)
-    elif config.algorithm == "entropy_sgd":
-        step = _esgd_scan_step(config) if config.esgd.mode == "scan" else _esgd_stepwise_step(
-            config
-        )
-    elif config.algorithm == "replicated_sgd":
-        step = _rsgd_step(config)
-    else:
-        raise ValueError(
-            "config.algorithm must be one of 'sgd', 'entropy_sgd', 'replicated_sgd', "
-            f"got {config.algorithm!r}."
-        )
-    return jax.jit(step)
+    return jax.jit(algorithms.get(config.algorithm).make_step(config))

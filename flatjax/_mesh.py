@@ -12,7 +12,7 @@ A run is laid out on a two-axis device mesh (``jax.sharding.Mesh``):
 
 The preferred path is a sharded ``jit``: the unchanged training step of
 :func:`flatjax.training.make_train_step` is compiled with input and output
-shardings (:func:`shard_train_step`) and XLA inserts the collectives, so a
+shardings (:func:`flatjax.training.shard_train_step`) and XLA inserts the collectives, so a
 loss that is a mean over the global minibatch gives the gradient averaged
 over ``"data"``, and a BatchNorm's batch mean is global per replica. The
 plain code gives the same numbers on one device, on N devices and on a pod.
@@ -46,27 +46,25 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flatjax._replicate import ReplicateState, replica_map, replicate
+from flatjax._rsgd import ReplicateState, replica_map, replicate
 
 __all__ = [
     "REPLICA_AXIS",
     "DATA_AXIS",
+    "LAYOUTS",
     "make_mesh",
-    "batch_layout",
     "batch_sharding",
-    "train_state_sharding",
-    "shard_train_state",
     "shard_batch",
     "process_batch_slice",
     "host_batch_to_global",
-    "shard_train_step",
     "rsgd_shard_map_step",
     "initialize_distributed",
+    "put_on_mesh",
 ]
 
 REPLICA_AXIS = "replica"
 DATA_AXIS = "data"
-_LAYOUTS = ("replicas", "batch", "stacked")
+LAYOUTS = ("replicas", "batch", "stacked")
 # Which leading axes of a batch leaf are sharded, per layout.
 _BATCH_SPECS = {
     "replicas": P(REPLICA_AXIS, DATA_AXIS),  # [y, B, ...]: Replicated-SGD
@@ -158,46 +156,10 @@ def _check_mesh(mesh) -> None:
         )
 
 
-# --------------------------------------------------------------------------- shardings
-
-
-def batch_layout(config) -> str:
-    """The batch layout a training config's step takes.
-
-    ``'replicas'`` ([y, B, ...], Replicated-SGD), ``'stacked'`` ([L, B, ...],
-    Entropy-SGD in scan mode) or ``'batch'`` ([B, ...], SGD and Entropy-SGD
-    stepwise).
-
-    Args:
-      config: a config from :func:`flatjax.training.base_config`.
-
-    Returns:
-      The layout name, for :func:`batch_sharding` and :func:`shard_batch`.
-
-    Example:
-      >>> import flatjax
-      >>> from flatjax.training import base_config
-      >>> config = base_config()
-      >>> config.algorithm = "entropy_sgd"
-      >>> flatjax.batch_layout(config)
-      'stacked'
-    """
-    if config.algorithm == "replicated_sgd":
-        return "replicas"
-    if config.algorithm == "entropy_sgd" and config.esgd.mode == "scan":
-        return "stacked"
-    if config.algorithm in ("sgd", "entropy_sgd"):
-        return "batch"
-    raise ValueError(
-        "config.algorithm must be one of 'sgd', 'entropy_sgd', 'replicated_sgd', "
-        f"got {config.algorithm!r}."
-    )
-
-
 def _check_layout(layout) -> None:
-    if layout not in _LAYOUTS:
+    if layout not in LAYOUTS:
         raise ValueError(
-            f"layout must be one of {_LAYOUTS} ([y, B, ...], [B, ...], [L, B, ...]), "
+            f"layout must be one of {LAYOUTS} ([y, B, ...], [B, ...], [L, B, ...]), "
             f"got {layout!r}."
         )
 
@@ -227,97 +189,7 @@ def batch_sharding(mesh: Mesh, layout: str) -> NamedSharding:
     return NamedSharding(mesh, _BATCH_SPECS[layout])
 
 
-def _replicate_state_spec(opt_state, replica_spec):
-    """Per-leaf PartitionSpecs of an optimizer state: ReplicateState.base_state sharded."""
-
-    def spec(node):
-        if isinstance(node, ReplicateState):
-            return node._replace(
-                count=P(),
-                coupling=P(),
-                requested_coupling=P(),
-                center_distance=P(),
-                base_state=jax.tree.map(lambda _: replica_spec, node.base_state),
-                center=jax.tree.map(lambda _: P(), node.center),
-                center_state=jax.tree.map(lambda _: P(), node.center_state),
-            )
-        return P()
-
-    return jax.tree.map(spec, opt_state, is_leaf=lambda x: isinstance(x, ReplicateState))
-
-
-def _leading_sizes(tree) -> set:
-    return {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(tree)}
-
-
-def train_state_sharding(state, mesh: Mesh):
-    """The sharding of every leaf of a :class:`flatjax.training.TrainState` on ``mesh``.
-
-    Replicated-SGD (``state.algorithm == 'replicated_sgd'``): params, BatchNorm
-    statistics and the base optimizer's per-replica state (the leading
-    replica axis y) are sharded over ``"replica"``; the step, the key and the
-    scalars of :class:`flatjax.ReplicateState` are replicated. SGD and
-    Entropy-SGD: everything is replicated (data parallelism).
-
-    Args:
-      state: a ``TrainState`` (or any object with ``params``,
-        ``batch_stats``, ``opt_state`` and ``algorithm``; only its structure
-        and shapes are read).
-      mesh: a mesh from :func:`make_mesh`.
-
-    Returns:
-      A pytree of ``NamedSharding`` shaped like ``state``.
-
-    Raises:
-      ValueError: y not divisible by the mesh's replica size.
-
-    Example:
-      >>> import jax, flatjax
-      >>> from flatjax.models.mlp import MLPTiny
-      >>> from flatjax.training import base_config, create_train_state
-      >>> config = base_config()
-      >>> config.algorithm, config.rsgd.coupling = "replicated_sgd", 1.0
-      >>> config.rsgd.num_replicas = 2
-      >>> state = create_train_state(config, MLPTiny(num_classes=2),
-      ...                            {"input_shape": (3,), "num_train": 1024},
-      ...                            jax.random.PRNGKey(0))
-      >>> mesh = flatjax.make_mesh(replica=2, devices=jax.devices()[:2])
-      >>> s = flatjax.train_state_sharding(state, mesh)
-      >>> s.params["Dense_0"]["kernel"].spec, s.step.spec
-      (P('replica',), P())
-    """
-    _check_mesh(mesh)
-    replicated = NamedSharding(mesh, P())
-    if getattr(state, "algorithm", None) != "replicated_sgd":
-        return jax.tree.map(lambda _: replicated, state)
-    sizes = _leading_sizes(state.params)
-    if len(sizes) != 1 or None in sizes:
-        raise ValueError(
-            "Replicated-SGD params need one leading replica axis on every leaf; found leading "
-            f"sizes {sizes}."
-        )
-    (y,) = sizes
-    r = mesh.shape[REPLICA_AXIS]
-    if y % r:
-        raise ValueError(
-            f"num_replicas={y} is not divisible by the mesh's replica axis of size {r}; "
-            "every device must hold the same number of replicas "
-            f"(use flatjax.make_mesh(replica=k) with k dividing {y})."
-        )
-    spec = P(REPLICA_AXIS)
-    specs = state.replace(
-        step=P(),
-        params=jax.tree.map(lambda _: spec, state.params),
-        batch_stats=jax.tree.map(lambda _: spec, state.batch_stats),
-        opt_state=_replicate_state_spec(state.opt_state, spec),
-        rng=P(),
-    )
-    return jax.tree.map(
-        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
-    )
-
-
-def _put(tree, shardings):
+def put_on_mesh(tree, shardings):
     """device_put on one process; make_array_from_callback across processes.
 
     With several processes each one holds the whole (identical) value and
@@ -331,33 +203,6 @@ def _put(tree, shardings):
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
     return jax.tree.map(put, tree, shardings)
-
-
-def shard_train_state(state, mesh: Mesh):
-    """Places a training state on ``mesh`` per :func:`train_state_sharding`.
-
-    On several processes every process must pass the same state (same
-    seed); each keeps only the shards of its own devices.
-
-    Args:
-      state: a :class:`flatjax.training.TrainState`.
-      mesh: a mesh from :func:`make_mesh`.
-
-    Returns:
-      The state with every leaf a sharded ``jax.Array``.
-
-    Example:
-      >>> import jax, flatjax
-      >>> from flatjax.models.mlp import MLPTiny
-      >>> from flatjax.training import base_config, create_train_state
-      >>> state = create_train_state(base_config(), MLPTiny(num_classes=2),
-      ...                            {"input_shape": (3,), "num_train": 1024},
-      ...                            jax.random.PRNGKey(0))
-      >>> mesh = flatjax.make_mesh(data=2, devices=jax.devices()[:2])
-      >>> flatjax.shard_train_state(state, mesh).params["Dense_0"]["bias"].sharding.num_devices
-      2
-    """
-    return _put(state, train_state_sharding(state, mesh))
 
 
 def _check_batch(batch, mesh, layout) -> None:
@@ -392,7 +237,7 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, layout: str) -> dict:
       batch: dict of arrays ``{'image', 'label'}`` with the layout's leading axes.
       mesh: a mesh from :func:`make_mesh`.
       layout: ``'replicas'`` ([y, B, ...]), ``'batch'`` ([B, ...]) or
-        ``'stacked'`` ([L, B, ...]); see :func:`batch_layout`.
+        ``'stacked'`` ([L, B, ...]); see :func:`flatjax.training.batch_layout`.
 
     Returns:
       The batch as sharded ``jax.Array`` s.
@@ -411,7 +256,7 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, layout: str) -> dict:
     _check_layout(layout)
     _check_batch(batch, mesh, layout)
     sharding = batch_sharding(mesh, layout)
-    return _put(dict(batch), {k: sharding for k in batch})
+    return put_on_mesh(dict(batch), {k: sharding for k in batch})
 
 
 def process_batch_slice(mesh: Mesh, layout: str, global_shape: Sequence[int]) -> tuple:
@@ -492,63 +337,7 @@ def host_batch_to_global(
     }
 
 
-# --------------------------------------------------------------------------- steps
-
-
-def shard_train_step(train_step: Callable, mesh: Mesh, state, layout: str) -> Callable:
-    """Compiles a training step for ``mesh``: a sharded ``jit`` of the unchanged step.
-
-    ``train_step(state, batch) -> (state, metrics)`` (e.g.
-    :func:`flatjax.training.make_train_step`) is jitted with the state
-    sharded per :func:`train_state_sharding`, the batch per
-    :func:`batch_sharding` and the metrics replicated. XLA partitions the
-    computation (GSPMD): each device computes its replicas on its part of
-    the minibatch; the mean loss over the minibatch makes the gradient a
-    mean over ``"data"``, a BatchNorm's batch statistics are means over the
-    replica's whole minibatch (synchronised over ``"data"`` only), and the
-    centre a mean over ``"replica"``. The numbers equal those of the plain
-    step on one device up to float rounding of the reductions.
-
-    For Replicated-SGD set ``config.rsgd.strategy='vmap'`` so the replica
-    axis stays a batch dimension XLA can split over devices (the CPU
-    default, ``'unroll'``, slices replicas one by one).
-
-    Args:
-      train_step: ``step(state, batch) -> (state, metrics)``.
-      mesh: a mesh from :func:`make_mesh`.
-      state: a state of the run (only its structure and shapes are read).
-      layout: the batch layout (see :func:`batch_layout`).
-
-    Returns:
-      The compiled step; pass it states from :func:`shard_train_state` and
-      batches from :func:`shard_batch` or :func:`host_batch_to_global`.
-
-    Example:
-      >>> import jax, numpy as np, flatjax
-      >>> from flatjax.models.mlp import MLPTiny
-      >>> from flatjax.training import base_config, create_train_state, make_train_step
-      >>> config = base_config()
-      >>> state = create_train_state(config, MLPTiny(num_classes=2),
-      ...                            {"input_shape": (3,), "num_train": 1024},
-      ...                            jax.random.PRNGKey(0))
-      >>> mesh = flatjax.make_mesh(data=2, devices=jax.devices()[:2])
-      >>> step = flatjax.shard_train_step(make_train_step(config), mesh, state, "batch")
-      >>> batch = flatjax.shard_batch({"image": np.ones((8, 3), np.float32),
-      ...                              "label": np.zeros(8, np.int32)}, mesh, "batch")
-      >>> state, metrics = step(flatjax.shard_train_state(state, mesh), batch)
-      >>> int(state.step)
-      1
-    """
-    if not callable(train_step):
-        raise TypeError(f"train_step must be callable, got {train_step!r}.")
-    _check_mesh(mesh)
-    _check_layout(layout)
-    state_sharding = train_state_sharding(state, mesh)
-    return jax.jit(
-        train_step,
-        in_shardings=(state_sharding, batch_sharding(mesh, layout)),
-        out_shardings=(state_sharding, NamedSharding(mesh, P())),
-    )
+# --------------------------------------------------------------------------- shard_map
 
 
 def rsgd_shard_map_step(
@@ -653,17 +442,9 @@ def rsgd_shard_map_step(
 # --------------------------------------------------------------------------- multi-host
 
 
-def _env(*names):
-    for name in names:
-        value = os.environ.get(name)
-        if value not in (None, ""):
-            return name, value
-    return None, None
-
-
-def _env_int(names):
-    name, value = _env(*names)
-    if value is None:
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
         return None
     try:
         return int(value)
@@ -671,45 +452,31 @@ def _env_int(names):
         raise ValueError(f"environment variable {name}={value!r} must be an integer.") from None
 
 
-def initialize_distributed(
-    *,
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    auto: bool | None = None,
-    **kwargs,
-) -> bool:
-    """Starts ``jax.distributed`` for a multi-process run; a no-op on one process.
+def initialize_distributed(**kwargs) -> bool:
+    """``jax.distributed.initialize(**kwargs)`` when the run has several processes.
 
-    Where the values come from (first found):
-
-    * the arguments;
-    * ``FLATJAX_COORDINATOR`` (``host:port`` of process 0),
-      ``FLATJAX_NUM_PROCESSES``, ``FLATJAX_PROCESS_ID``;
-    * JAX's ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``.
-
-    With none of them (and ``auto`` off) the run is single-process and
-    nothing happens. ``auto=True`` (or ``FLATJAX_DISTRIBUTED=auto``) calls
-    ``jax.distributed.initialize()`` without arguments, so JAX detects the
-    cluster itself: Cloud TPU pod slices, SLURM, Open MPI, Kubernetes. A
-    single-host Cloud TPU VM needs nothing. Call it first, before any other
-    JAX call (it must precede the first use of the devices).
+    A no-op (returns False) when nothing says the run is multi-process: no
+    arguments, no ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID``, and ``FLATJAX_DISTRIBUTED`` unset; also with one
+    process, or when ``jax.distributed`` is already running. Otherwise it
+    calls ``jax.distributed.initialize`` with the arguments and the two
+    process counts from the environment (JAX reads the coordinator address
+    itself), and JAX checks the setting. ``FLATJAX_DISTRIBUTED=auto`` calls
+    it without arguments so that JAX detects the cluster (Cloud TPU pod
+    slices, SLURM, Open MPI, Kubernetes). Call it before any other JAX call.
 
     Args:
-      coordinator_address: ``host:port`` of process 0's coordinator.
-      num_processes: number of processes (>= 1).
-      process_id: this process's index in [0, num_processes).
-      auto: let JAX auto-detect the cluster (None: ``FLATJAX_DISTRIBUTED``).
-      **kwargs: passed to ``jax.distributed.initialize`` (e.g.
-        ``local_device_ids``, ``initialization_timeout``).
+      **kwargs: arguments of ``jax.distributed.initialize``
+        (``coordinator_address``, ``num_processes``, ``process_id``,
+        ``local_device_ids``, ``initialization_timeout``, ...).
 
     Returns:
-      True if ``jax.distributed`` was initialised by this call, False for a
-      single process or when it already was.
+      True if this call started ``jax.distributed``.
 
     Raises:
-      ValueError: an incomplete or inconsistent setting (e.g. 2 processes
-        without a coordinator address, a process id out of range).
+      ValueError: a process count in the environment that is not an integer,
+        ``FLATJAX_DISTRIBUTED`` other than 'auto', or what JAX raises for an
+        incomplete setting.
 
     Example:
       >>> import flatjax
@@ -718,55 +485,17 @@ def initialize_distributed(
     """
     if jax.distributed.is_initialized():
         return False
-    if auto is None:
-        auto_name, auto_value = _env("FLATJAX_DISTRIBUTED")
-        if auto_value not in (None, "auto", "0", "off"):
-            raise ValueError(
-                f"FLATJAX_DISTRIBUTED must be 'auto' or unset, got {auto_value!r}."
-            )
-        auto = auto_value == "auto"
-    if coordinator_address is None:
-        coordinator_address = _env("FLATJAX_COORDINATOR", "JAX_COORDINATOR_ADDRESS")[1]
-    if num_processes is None:
-        num_processes = _env_int(("FLATJAX_NUM_PROCESSES", "JAX_NUM_PROCESSES"))
-    if process_id is None:
-        process_id = _env_int(("FLATJAX_PROCESS_ID", "JAX_PROCESS_ID"))
-    given = (coordinator_address, num_processes, process_id)
-    if all(v is None for v in given):
-        if auto:
-            jax.distributed.initialize(**kwargs)
-            return True
+    auto = os.environ.get("FLATJAX_DISTRIBUTED", "")
+    if auto not in ("", "auto"):
+        raise ValueError(f"FLATJAX_DISTRIBUTED must be 'auto' or unset, got {auto!r}.")
+    for key, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if kwargs.get(key) is None and _env_int(name) is not None:
+            kwargs[key] = _env_int(name)
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    address = given.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not given and not address and auto != "auto":
         return False
-    if num_processes is not None and num_processes < 1:
-        raise ValueError(f"num_processes must be >= 1, got {num_processes}.")
-    if num_processes == 1 and process_id in (None, 0):
+    if given.get("num_processes") == 1:
         return False
-    missing = [
-        name
-        for name, value in zip(
-            ("coordinator_address (FLATJAX_COORDINATOR)", "num_processes (FLATJAX_NUM_PROCESSES)",
-             "process_id (FLATJAX_PROCESS_ID)"),
-            given,
-            strict=True,
-        )
-        if value is None
-    ]
-    if missing and not auto:
-        raise ValueError(
-            f"incomplete multi-process setting: got coordinator_address={coordinator_address!r}, "
-            f"num_processes={num_processes!r}, process_id={process_id!r}; also set "
-            f"{', '.join(missing)}, or pass auto=True to let JAX detect the cluster."
-        )
-    if num_processes is not None and process_id is not None and not (
-        0 <= process_id < num_processes
-    ):
-        raise ValueError(
-            f"process_id must be in [0, {num_processes}), got {process_id}."
-        )
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-        **kwargs,
-    )
+    jax.distributed.initialize(**given)
     return True
