@@ -184,6 +184,27 @@ def test_testbeds_are_consistent():
     assert len(cnn.seeds) >= 5
 
 
+@pytest.mark.slow
+def test_mnist1d_10k_is_the_mnist1d_generator_with_more_signals(tmp_path):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    from flatjax import data as fd
+
+    args = get_dataset_args()
+    args.num_samples = 12500
+    ref = make_dataset(args)
+    d = str(tmp_path)
+    x, y = fd.load_arrays("mnist1d_10k", "train", data_dir=d, normalize=False)
+    xt, yt = fd.load_arrays("mnist1d_10k", "test", data_dir=d, normalize=False)
+    np.testing.assert_array_equal(x, ref["x"].astype(np.float32))
+    np.testing.assert_array_equal(y, ref["y"])
+    np.testing.assert_array_equal(xt, ref["x_test"].astype(np.float32))
+    assert (len(y), len(yt)) == (10_000, 2_500)
+    # The catalogue's statistics standardise its own training split.
+    xn, _ = fd.load_arrays("mnist1d_10k", "train", data_dir=d)
+    assert abs(xn.mean()) < 1e-3 and abs(xn.std() - 1.0) < 1e-3
+
+
 def test_unknown_dataset_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown datasets"):
         study.run_study(str(tmp_path), quick=True, datasets=["imagenet"])

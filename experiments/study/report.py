@@ -59,7 +59,8 @@ def paired_difference(baseline: dict, other: dict) -> dict | None:
 
     With d_s = other[s] − baseline[s] over the n common seeds s: the mean
     d̄, its standard error sd(d) / √n (sample sd, ddof 1), the two-sided
-    paired t-test p-value (t = d̄ / se with n − 1 degrees of freedom) and the
+    paired t-test p-value (t = d̄ / se with n − 1 degrees of freedom; 1 when
+    every d_s = 0, 0 when they are all equal and non-zero) and the
     two-sided exact Wilcoxon signed-rank p-value (None when every d_s = 0;
     with n = 5 its smallest value is 2 / 2⁵ = 0.0625).
 
@@ -392,7 +393,8 @@ def _testbed_md(name, entry, summary, rel) -> list[str]:
           + f"). Local energy on {'the first ' + str(m) if m else 'all'} training examples, "
           f"M = {settings['num_draws']} draws per σ; {_entropy_note(settings, name)}. "
           f"Command `{entry['command']}`, {entry['wall_time_s'] / 60:.1f} min wall "
-          f"(started {entry['started_utc']} UTC; {entry['machine']}).", ""]
+          f"(started {entry['started_utc']} UTC; {entry['machine']}"
+          + (f"; {entry['note']}" if entry.get("note") else "") + ").", ""]
     md += _table_md(summary, settings, name)
     for cell in summary["table"]:
         if cell["dataset"] == name and cell["algorithm"] == "rsgd" and cell["test_error"]:
