@@ -133,6 +133,8 @@ def test_summarize_by_hand():
     assert paired["test_error"]["mean"] == pytest.approx(70.0)
     assert paired["test_error"]["se"] == pytest.approx(0.0)
     assert paired["test_error"]["wins"] == 0
+    # Every network has training error 0: every band holds all ten.
+    assert [b["num_networks"] for b in k["train_error_bands"]] == [10] * 4
 
 
 def test_paired_difference_matches_closed_forms():
@@ -149,6 +151,16 @@ def test_paired_difference_matches_closed_forms():
     assert study.paired_difference({0: 1.0, 5: 2.0}, {0: 0.0, 7: 1.0}) is None
     same = study.paired_difference({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})
     assert same["mean"] == 0.0 and same["wilcoxon_p"] is None
+
+
+def test_partial_kendall_by_hand():
+    # x = (1, 2, 3, 4), y = (1, 3, 2, 4), z = (4, 1, 2, 3): of the 6 pairs, x and y disagree
+    # on 1 (τ_xy = 2/3), x and z on 3 (τ_xz = 0), y and z on 4 (τ_yz = −1/3), so the partial
+    # τ is (2/3 − 0) / √(1 · 8/9) = 1/√2.
+    x, y, z = [1, 2, 3, 4], [1, 3, 2, 4], [4, 1, 2, 3]
+    assert report.partial_kendall(x, y, z) == pytest.approx(1 / np.sqrt(2))
+    # Holding fixed a z that orders x exactly leaves nothing to correlate.
+    assert np.isnan(report.partial_kendall(x, y, x))
 
 
 def test_rerunning_one_testbed_keeps_the_others(tmp_path, monkeypatch):

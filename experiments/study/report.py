@@ -23,9 +23,10 @@ from experiments.study.settings import (
     VALIDATION_FRACTION,
 )
 
-__all__ = ["main_rows", "paired_difference", "summarize", "write_report"]
+__all__ = ["main_rows", "paired_difference", "partial_kendall", "summarize", "write_report"]
 
 COLORS = {"sgd": "tab:blue", "esgd": "tab:orange", "rsgd": "tab:green"}
+TRAIN_ERROR_BANDS = (1.0, 5.0, 10.0, 20.0)  # % training error, for τ within bands
 BEGIN_HAND, END_HAND = "<!-- BEGIN HAND-WRITTEN -->", "<!-- END HAND-WRITTEN -->"
 
 
@@ -112,6 +113,30 @@ def _paired_cells(records, dataset, settings) -> list[dict]:
     return cells
 
 
+def _kendall(x, y):
+    from scipy import stats
+
+    if len(x) <= 2:
+        return float("nan"), float("nan")
+    tau, p = stats.kendalltau(x, y)
+    return float(tau), float(p)
+
+
+def partial_kendall(x, y, z) -> float:
+    """Kendall's partial τ of x and y given z: (τ_xy − τ_xz τ_yz) / √((1 − τ_xz²)(1 − τ_yz²)).
+
+    Kendall (1942), "Partial rank correlation", Biometrika 32. No p-value:
+    its null distribution has no simple closed form.
+
+    Example:
+      >>> round(partial_kendall([1, 2, 3, 4], [1, 3, 2, 4], [4, 1, 2, 3]), 3)
+      0.707
+    """
+    txy, txz, tyz = _kendall(x, y)[0], _kendall(x, z)[0], _kendall(y, z)[0]
+    den = np.sqrt((1 - txz**2) * (1 - tyz**2))
+    return float((txy - txz * tyz) / den) if den > 0 else float("nan")
+
+
 def summarize(records, settings) -> dict:
     """Table cells (mean ± std over seeds), paired differences to SGD, curves and Kendall's τ."""
     from scipy import stats
@@ -170,10 +195,25 @@ def summarize(records, settings) -> dict:
         tau_f, p_f = (stats.kendalltau([r["test_error"] for r in fitted],
                                        [_le_at(r, TAU_SIGMA) for r in fitted])
                       if len(fitted) > 2 else (float("nan"),) * 2)
+        # Bands of training error, and τ with training error held fixed: where networks
+        # under-fit, test error follows training error, and so may δE.
+        bands = []
+        for limit in TRAIN_ERROR_BANDS:
+            band = [r for r in nets if r["train_error"] <= limit]
+            tau_b, p_b = _kendall([r["test_error"] for r in band],
+                                  [_le_at(r, TAU_SIGMA) for r in band])
+            bands.append({"max_train_error": limit, "num_networks": len(band), "tau": tau_b,
+                          "p_value": p_b})
+        train = [r["train_error"] for r in nets]
+        partial = {s: partial_kendall(te, [_le_at(r, float(s)) for r in nets], train)
+                   for s in by_sigma}
         summary["kendall"][dataset] = {**by_sigma[f"{TAU_SIGMA:g}"], "num_networks": len(nets),
                                        "sigma": TAU_SIGMA, "by_sigma": by_sigma,
                                        "fitted": {"tau": float(tau_f), "p_value": float(p_f),
                                                   "num_networks": len(fitted)},
+                                       "train_error_bands": bands,
+                                       "tau_test_train": _kendall(te, train)[0],
+                                       "partial_given_train_error": partial,
                                        "diverged": sum(1 for r in ds_records
                                                        if not r["finite"] and not r["main"])}
     return summary, curves
@@ -414,7 +454,15 @@ def _testbed_md(name, entry, summary, rel) -> list[str]:
            + (f" (other σ: {others})." if others else ".")
            + f" Over the {k['fitted']['num_networks']} of them with training error ≤ 1 %: "
            f"τ = {k['fitted']['tau']:.3f}, p = {k['fitted']['p_value']:.3g}. "
-           f"Diverged in the tuning grid (left out): {k['diverged']}.", ""]
+           f"Diverged in the tuning grid (left out): {k['diverged']}.", "",
+           "Training error and local energy: τ(test error, training error) = "
+           f"{k['tau_test_train']:.3f}; τ(test error, δE(σ = {TAU_SIGMA})) over the networks "
+           "with training error ≤ "
+           + ", ≤ ".join(f"{b['max_train_error']:g} %: {b['tau']:.3f} (p = {b['p_value']:.2g}, "
+                         f"{b['num_networks']} networks)" for b in k["train_error_bands"])
+           + "; partial τ(test error, δE(σ) | training error): "
+           + ", ".join(f"σ = {s}: {v:.3f}" for s, v in k["partial_given_train_error"].items())
+           + " (Kendall 1942).", ""]
     md += [f"![local energy curves, {name}]({rel}/local_energy_curves_{name}.png)",
            f"![test error vs local energy, {name}]"
            f"({rel}/test_error_vs_local_energy_{name}.png)", ""]
