@@ -137,6 +137,25 @@ def test_summarize_by_hand():
     assert [b["num_networks"] for b in k["train_error_bands"]] == [10] * 4
 
 
+def test_equal_epoch_runs_against_sgd_with_the_same_gradients():
+    records = _hand_records()
+    for seed in range(2):  # SGD with eSGD's equal-epoch gradients: 40 + seed % test error
+        records.append({**_record("sgd", "matched", 40.0 + seed, 0.5, seed, main=True),
+                        "matched_to": "esgd"})
+    summary, _ = study.summarize(records, SETTINGS)
+    row = next(c for c in summary["table"] if c["budget"] == "matched")
+    assert (row["algorithm"], row["matched_to"]) == ("sgd", "esgd")
+    assert row["test_error"]["mean"] == pytest.approx(40.5)
+    # eSGD at equal epochs: 50 + 10 + seed, i.e. 20 points above matched SGD on both seeds.
+    cell = next(c for c in summary["paired"] if c["budget"] == "matched")
+    assert cell["algorithm"] == "esgd"
+    assert cell["test_error"]["mean"] == pytest.approx(20.0)
+    assert cell["local_energy_0.05"]["mean"] == pytest.approx(5.0 + 1.05 - 0.5)
+    assert not any(c["budget"] == "matched" and c["algorithm"] == "rsgd"
+                   for c in summary["paired"])
+    assert summary["kendall"]["digits"]["num_networks"] == 6 + 4 + 2
+
+
 def test_paired_difference_matches_closed_forms():
     # d = (−0.5, −1, −0.5): mean −2/3, sd = 1/√12, se = sd/√3 = 1/6, t = −4 on 2 degrees of
     # freedom, where P(|T| > t) = 1 − t/√(t² + 2) = 1 − 4/√18. All three differences have

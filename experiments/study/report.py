@@ -23,7 +23,8 @@ from experiments.study.settings import (
     VALIDATION_FRACTION,
 )
 
-__all__ = ["main_rows", "paired_difference", "partial_kendall", "summarize", "write_report"]
+__all__ = ["main_rows", "matched_rows", "paired_difference", "partial_kendall", "summarize",
+           "write_report"]
 
 COLORS = {"sgd": "tab:blue", "esgd": "tab:orange", "rsgd": "tab:green"}
 TRAIN_ERROR_BANDS = (1.0, 5.0, 10.0, 20.0)  # % training error, for τ within bands
@@ -95,8 +96,37 @@ def paired_difference(baseline: dict, other: dict) -> dict | None:
             "wins": int(np.sum(d < 0))}
 
 
+def matched_rows(records, dataset, algorithm):
+    """SGD trained with the gradient evaluations of ``algorithm``'s equal-epoch run."""
+    return [r for r in records if r["dataset"] == dataset and r.get("main")
+            and r["algorithm"] == "sgd" and r["budget"] == "matched"
+            and r.get("matched_to") == algorithm]
+
+
+def _cell(rows, dataset, budget, algorithm, settings) -> dict:
+    """One table cell: mean ± std over the seeds of ``rows``."""
+    ok = [r for r in rows if r["finite"]]
+    cell = {"dataset": dataset, "budget": budget, "algorithm": algorithm,
+            "learning_rate": rows[0]["learning_rate"] if rows else None,
+            "seeds": len(rows), "diverged": len(rows) - len(ok),
+            "grad_evals": rows[0]["grad_evals"] if rows else None,
+            "effective_epochs": rows[0]["effective_epochs"] if rows else None}
+    for key in ("test_error", "validation_error", "train_error",
+                "test_ensemble_error", "test_replica_error_mean"):
+        cell[key] = _mean_std([r.get(key) for r in ok])
+    for sigma in settings["table_sigmas"]:
+        cell[f"local_energy_{sigma:g}"] = _mean_std([_le_at(r, sigma) for r in ok])
+    ent = [r["local_entropy"]["normalized"] for r in ok if r.get("local_entropy")]
+    cell["local_entropy"] = _mean_std(ent)
+    return cell
+
+
 def _paired_cells(records, dataset, settings) -> list[dict]:
-    """eSGD and rSGD against SGD, per budget: test error and δE at the table's σ."""
+    """eSGD and rSGD against SGD, per budget: test error and δE at the table's σ.
+
+    Budget ``"matched"``: the equal-epoch run against SGD given the same
+    gradient evaluations (where the testbed trains it).
+    """
     keys = {"test_error": lambda r: r["test_error"]}
     for sigma in settings["table_sigmas"]:
         keys[f"local_energy_{sigma:g}"] = lambda r, s=sigma: _le_at(r, s)
@@ -110,6 +140,16 @@ def _paired_cells(records, dataset, settings) -> list[dict]:
                 cell[key] = paired_difference({r["seed"]: get(r) for r in sgd},
                                               {r["seed"]: get(r) for r in rows})
             cells.append(cell)
+    for algorithm in ALGORITHMS[1:]:
+        base = [r for r in matched_rows(records, dataset, algorithm) if r["finite"]]
+        if not base:
+            continue
+        rows = [r for r in main_rows(records, dataset, "epochs", algorithm) if r["finite"]]
+        cell = {"dataset": dataset, "budget": "matched", "algorithm": algorithm}
+        for key, get in keys.items():
+            cell[key] = paired_difference({r["seed"]: get(r) for r in base},
+                                          {r["seed"]: get(r) for r in rows})
+        cells.append(cell)
     return cells
 
 
@@ -157,18 +197,7 @@ def summarize(records, settings) -> dict:
             for algorithm in ALGORITHMS:
                 rows = main_rows(records, dataset, budget, algorithm)
                 ok = [r for r in rows if r["finite"]]
-                cell = {"dataset": dataset, "budget": budget, "algorithm": algorithm,
-                        "learning_rate": rows[0]["learning_rate"] if rows else None,
-                        "seeds": len(rows), "diverged": len(rows) - len(ok),
-                        "grad_evals": rows[0]["grad_evals"] if rows else None,
-                        "effective_epochs": rows[0]["effective_epochs"] if rows else None}
-                for key in ("test_error", "validation_error", "train_error",
-                            "test_ensemble_error", "test_replica_error_mean"):
-                    cell[key] = _mean_std([r.get(key) for r in ok])
-                for sigma in settings["table_sigmas"]:
-                    cell[f"local_energy_{sigma:g}"] = _mean_std([_le_at(r, sigma) for r in ok])
-                ent = [r["local_entropy"]["normalized"] for r in ok if r.get("local_entropy")]
-                cell["local_entropy"] = _mean_std(ent)
+                cell = _cell(rows, dataset, budget, algorithm, settings)
                 summary["table"].append(cell)
                 per_seed = [r["local_energy"]["delta_e"] for r in ok]
                 if per_seed:
@@ -179,10 +208,16 @@ def summarize(records, settings) -> dict:
                         "std": (arr.std(0, ddof=1) if len(arr) > 1 else 0 * arr[0]).tolist(),
                         "learning_rate": cell["learning_rate"],
                     }
+        for algorithm in ALGORITHMS[1:]:
+            rows = matched_rows(records, dataset, algorithm)
+            if rows:
+                summary["table"].append({**_cell(rows, dataset, "matched", "sgd", settings),
+                                         "matched_to": algorithm})
         summary["paired"] += _paired_cells(records, dataset, settings)
         # τ over every distinct finite network (the main equal-gradient networks repeat the
-        # tuning grid's, so only grid networks and equal-epoch runs count).
-        nets = [r for r in ds_records if r["finite"] and (not r["main"] or r["budget"] == "epochs")]
+        # tuning grid's, so only grid networks, equal-epoch and matched-SGD runs count).
+        nets = [r for r in ds_records
+                if r["finite"] and (not r["main"] or r["budget"] != "gradients")]
         te = [r["test_error"] for r in nets]
         by_sigma = {}
         for sigma in [s for s in settings.get("grid_sigmas", [TAU_SIGMA]) if s > 0]:
@@ -258,17 +293,19 @@ def make_figures(records, summary, curves, settings, out) -> list[str]:
         names.append(name)
 
         fig, ax = plt.subplots(figsize=(5.2, 4))
-        markers = {"gradients": "o", "epochs": "s"}
+        markers = {"gradients": "o", "epochs": "s", "matched": "^"}
         nets = [r for r in records if r["dataset"] == dataset and r["finite"]
-                and (not r["main"] or r["budget"] == "epochs")]
+                and (not r["main"] or r["budget"] != "gradients")]
         for algorithm in ALGORITHMS:
-            for budget in BUDGETS:
+            for budget in markers:
                 pts = [r for r in nets if r["algorithm"] == algorithm and r["budget"] == budget]
                 if pts:
                     ax.scatter([_le_at(r, TAU_SIGMA) for r in pts],
                                [r["test_error"] for r in pts], c=COLORS[algorithm],
                                marker=markers[budget], alpha=0.75, s=22,
-                               label=f"{LABELS[algorithm]}, equal {budget}")
+                               label=f"{LABELS[algorithm]}, "
+                               + ("as many gradients as eSGD/rSGD at equal epochs"
+                                  if budget == "matched" else f"equal {budget}"))
         k = summary["kendall"][dataset]
         ax.set_title(f"{dataset}: Kendall τ = {k['tau']:.2f} (p = {k['p_value']:.2g}, "
                      f"{k['num_networks']} nets)", fontsize=9)
@@ -308,6 +345,14 @@ def make_figures(records, summary, curves, settings, out) -> list[str]:
     return names
 
 
+def _budget_label(cell) -> str:
+    if cell["budget"] != "matched":
+        return f"equal {cell['budget']}"
+    if cell["algorithm"] == "sgd":  # a table row: SGD at another algorithm's gradients
+        return f"gradients of {LABELS[cell['matched_to']]} at equal epochs"
+    return "equal epochs, against SGD with the same gradients"  # a paired row
+
+
 def _table_md(summary, settings, dataset) -> list[str]:
     sig = settings["table_sigmas"]
     head = ["budget", "algorithm", "lr", "grad evals", "test error %", "val error %",
@@ -316,7 +361,7 @@ def _table_md(summary, settings, dataset) -> list[str]:
     for cell in summary["table"]:
         if cell["dataset"] != dataset:
             continue
-        row = [f"equal {cell['budget']}", LABELS[cell["algorithm"]],
+        row = [_budget_label(cell), LABELS[cell["algorithm"]],
                f"{cell['learning_rate']:g}" if cell["learning_rate"] else "—",
                str(cell["grad_evals"]), _fmt(cell["test_error"]), _fmt(cell["validation_error"]),
                _fmt(cell["train_error"])]
@@ -392,7 +437,7 @@ def _paired_md(summary, settings, dataset) -> list[str]:
     for cell in summary["paired"]:
         if cell["dataset"] != dataset:
             continue
-        row = [f"equal {cell['budget']}", LABELS[cell["algorithm"]]]
+        row = [_budget_label(cell), LABELS[cell["algorithm"]]]
         for j, key in enumerate(keys):
             d = cell[key]
             if d is None:
@@ -514,7 +559,7 @@ def write_report(out: str, results_md: str | None = None) -> str:
     figures = make_figures(records, summary, curves, {**first, "datasets": names}, out)
     rel = os.path.relpath(out, os.path.dirname(os.path.abspath(results_md))) if results_md else "."
     rel = rel.replace(os.sep, "/")
-    n_nets = sum(1 for r in records if not r["main"] or r["budget"] == "epochs")
+    n_nets = sum(1 for r in records if not r["main"] or r["budget"] != "gradients")
     md = [
         "# SGD vs Entropy-SGD vs Replicated-SGD at CPU scale",
         "",

@@ -20,7 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import flatjax
-from experiments.study.settings import ALGORITHMS, VALIDATION_FRACTION, make_config, study_settings
+from experiments.study.settings import (
+    ALGORITHMS,
+    INNER_STEPS,
+    NUM_REPLICAS,
+    VALIDATION_FRACTION,
+    make_config,
+    study_settings,
+)
 from flatjax import data as fdata
 from flatjax import models
 from flatjax.training import (
@@ -34,7 +41,7 @@ from flatjax.training import (
 )
 from flatjax.training.steps import cross_entropy
 
-__all__ = ["load_runs", "run_dataset", "run_study", "train_seeds"]
+__all__ = ["load_runs", "run_dataset", "run_matched_sgd", "run_study", "train_seeds"]
 
 
 def _batch_layout(config) -> dict:
@@ -174,16 +181,7 @@ def _log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_dataset(name: str, settings: dict) -> list[dict]:
-    """Tuning grid, selection on validation, equal-epoch runs and measurements of one testbed.
-
-    1. Every algorithm at every learning rate of the grid, at equal gradients,
-       every seed; each network measured at ``grid_sigmas``.
-    2. Per algorithm, the learning rate of lowest mean validation error
-       (diverged runs rank last); the test set is used for no choice.
-    3. The selected networks measured on the full ``sigmas`` curve (and local
-       entropy where set), and eSGD/rSGD retrained at equal epochs.
-    """
+def _setup(name, settings):
     testbed = settings["testbeds"][name]
     dataset = testbed["dataset"]
     info = fdata.get_info(dataset)
@@ -194,7 +192,47 @@ def run_dataset(name: str, settings: dict) -> list[dict]:
                                         validation_fraction=VALIDATION_FRACTION),
         "test": fdata.load_arrays(dataset, "test"),
     }
-    measure = _Measure(model, splits, settings, testbed)
+    return testbed, model, splits, _Measure(model, splits, settings, testbed)
+
+
+def run_matched_sgd(name: str, settings: dict, records: list[dict], setup=None) -> list[dict]:
+    """SGD with the gradient evaluations of eSGD's and rSGD's equal-epoch runs.
+
+    SGD at its selected learning rate (from ``records``' main networks),
+    trained for L × and y × the testbed's epochs (budget ``"gradients"``,
+    cosine schedule over the longer run): the equal-gradient baseline of each
+    equal-epoch run. Records carry ``budget = "matched"`` and ``matched_to``.
+    """
+    testbed, model, splits, measure = setup or _setup(name, settings)
+    seeds = testbed["seeds"]
+    lr = next(r["learning_rate"] for r in records
+              if r["dataset"] == name and r["algorithm"] == "sgd" and r.get("main"))
+    out = []
+    for algorithm, factor in (("esgd", INNER_STEPS), ("rsgd", NUM_REPLICAS)):
+        epochs = factor * float(testbed["epochs"])
+        config = make_config(testbed, "sgd", "gradients", lr, epochs=epochs)
+        _log(f"{name} sgd lr={lr}, {epochs:g} epochs (the gradients of {algorithm} at equal "
+             f"epochs): training {len(seeds)} seeds")
+        states, finite, losses, facts = train_seeds(config, model, splits["train"], seeds)
+        for s, st, f, lo in zip(seeds, states, finite, losses, strict=True):
+            rec = _network_record(name, "sgd", "matched", lr, s, st, f, lo, facts, measure,
+                                  settings["sigmas"], False)
+            out.append({**rec, "main": True, "selected": True, "matched_to": algorithm})
+    return out
+
+
+def run_dataset(name: str, settings: dict) -> list[dict]:
+    """Tuning grid, selection on validation, equal-epoch runs and measurements of one testbed.
+
+    1. Every algorithm at every learning rate of the grid, at equal gradients,
+       every seed; each network measured at ``grid_sigmas``.
+    2. Per algorithm, the learning rate of lowest mean validation error
+       (diverged runs rank last); the test set is used for no choice.
+    3. The selected networks measured on the full ``sigmas`` curve (and local
+       entropy where set), and eSGD/rSGD retrained at equal epochs.
+    4. Where the testbed sets ``matched_sgd``: :func:`run_matched_sgd`.
+    """
+    testbed, model, splits, measure = _setup(name, settings)
     seeds = testbed["seeds"]
     grid_sigmas = settings["grid_sigmas"]
     records = []
@@ -242,6 +280,8 @@ def run_dataset(name: str, settings: dict) -> list[dict]:
     for r in records:
         r["selected"] = r["learning_rate"] == selected[r["algorithm"]]
         r.setdefault("main", False)
+    if testbed.get("matched_sgd"):
+        records += run_matched_sgd(name, settings, records, (testbed, model, splits, measure))
     return records
 
 

@@ -24,6 +24,8 @@ __all__ = [
     "TESTBEDS",
     "TAU_SIGMA",
     "VALIDATION_FRACTION",
+    "INNER_STEPS",
+    "NUM_REPLICAS",
     "Testbed",
     "make_config",
     "study_settings",
@@ -54,6 +56,9 @@ class Testbed(NamedTuple):
         examples (``None``: all).
       local_entropy: ``flatjax.local_entropy`` sampler settings for the main
         equal-gradient networks (``None``: not measured).
+      matched_sgd: also train SGD (its selected learning rate) with the
+        gradient evaluations of eSGD's and rSGD's equal-epoch runs (L× and
+        y× the epochs), to tell the algorithm from the extra compute.
       note: one line on why the testbed is in the study.
     """
 
@@ -65,6 +70,7 @@ class Testbed(NamedTuple):
     learning_rates: tuple = (0.05, 0.1, 0.2, 0.4, 0.8)
     local_energy_examples: int | None = None
     local_entropy: dict | None = None
+    matched_sgd: bool = False
     note: str = ""
 
 
@@ -86,7 +92,7 @@ TESTBEDS = {
     # SGD ends at a few % training error, lr 0.8 collapses to chance.
     "mnist1d_cnn": Testbed(
         "mnist1d_10k", "cnn1d", 128, 10, seeds=(0, 1, 2, 3, 4),
-        learning_rates=(0.05, 0.1, 0.2, 0.4), local_energy_examples=1000,
+        learning_rates=(0.05, 0.1, 0.2, 0.4), local_energy_examples=1000, matched_sgd=True,
         note="MNIST-1D with 12,500 signals (10,000/2,500), the 1-D CNN of its authors"),
 }
 DEFAULT_TESTBEDS = ("digits", "mnist1d", "mnist1d_cnn")
@@ -95,9 +101,9 @@ DEFAULT_TESTBEDS = ("digits", "mnist1d", "mnist1d_cnn")
 def _testbed_settings(name: str, quick: bool) -> dict:
     t = TESTBEDS[name]._asdict()
     t["seeds"], t["learning_rates"] = list(t["seeds"]), list(t["learning_rates"])
-    if quick:
+    if quick:  # (local entropy's compilation alone would double the smoke run)
         t.update(epochs=1, seeds=[0, 1], learning_rates=[0.1], local_energy_examples=None,
-                 local_entropy=None)  # local entropy's compilation would double the smoke run
+                 local_entropy=None, matched_sgd=False)
     return t
 
 
@@ -143,7 +149,8 @@ def study_settings(quick: bool, testbeds=None) -> dict:
     }
 
 
-def make_config(testbed: dict, algorithm: str, budget: str, learning_rate: float):
+def make_config(testbed: dict, algorithm: str, budget: str, learning_rate: float,
+                epochs: float | None = None):
     """The run's config: ``flatjax.configs.common`` defaults plus the testbed's settings.
 
     Args:
@@ -152,6 +159,7 @@ def make_config(testbed: dict, algorithm: str, budget: str, learning_rate: float
       budget: ``"gradients"`` (``epochs`` SGD-epochs of gradient evaluations
         for every algorithm) or ``"epochs"`` (``epochs`` epochs of each).
       learning_rate: SGD's and rSGD's learning rate, eSGD's inner η′.
+      epochs: the run's length instead of the testbed's ``epochs``.
     """
     config = common.experiment_base()
     config.dataset = testbed["dataset"]
@@ -162,7 +170,7 @@ def make_config(testbed: dict, algorithm: str, budget: str, learning_rate: float
     config.progress = False
     common.set_algorithm(config, algorithm, inner_steps=INNER_STEPS, num_replicas=NUM_REPLICAS)
     config.budget = budget
-    config.num_epochs = float(testbed["epochs"])
+    config.num_epochs = float(testbed["epochs"] if epochs is None else epochs)
     if algorithm == "esgd":
         # The inner Langevin lr plays SGD's role (the step on the data); the outer
         # lr 1 makes the γ-scaled outer step x ← x − γ_t · nesterov(x − μ), with γ
