@@ -491,11 +491,13 @@ def _testbed_md(name, entry, summary, rel) -> list[str]:
            "standard error over seeds; p_t: paired t-test, p_W: Wilcoxon signed-rank, both "
            "two-sided; negative Δ test error = better than SGD, negative Δ δE = flatter):", ""]
     md += _paired_md(summary, settings, name)
+    matched = any(c["dataset"] == name and c["budget"] == "matched" for c in summary["table"])
     others = "; ".join(f"σ = {s}: τ = {v['tau']:.3f}, p = {v['p_value']:.3g}"
                        for s, v in k["by_sigma"].items() if s != f"{TAU_SIGMA:g}")
     md += ["", f"Kendall's τ between test error and δE(σ = {TAU_SIGMA}) (the σ fixed "
-           f"before the run) over {k['num_networks']} networks (tuning grid + equal-epoch "
-           f"runs): **τ = {k['tau']:.3f}, p = {k['p_value']:.3g}**"
+           f"before the run) over {k['num_networks']} networks (tuning grid"
+           + (", equal-epoch and matched-SGD runs" if matched else " and equal-epoch runs")
+           + f"): **τ = {k['tau']:.3f}, p = {k['p_value']:.3g}**"
            + (f" (other σ: {others})." if others else ".")
            + f" Over the {k['fitted']['num_networks']} of them with training error ≤ 1 %: "
            f"τ = {k['fitted']['tau']:.3f}, p = {k['fitted']['p_value']:.3g}. "
