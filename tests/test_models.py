@@ -12,6 +12,7 @@ import pytest
 
 from flatjax.models import (
     MODELS,
+    Conv1D,
     EfficientNet,
     MLPTiny,
     PyramidNet,
@@ -21,6 +22,7 @@ from flatjax.models import (
     ResNetTiny,
     ShakeDrop,
     WideResNet,
+    conv_output_length,
     get_model,
     num_params,
     pyramid_widths,
@@ -74,6 +76,8 @@ FULL_MODELS = [
     (get_model("mlp_wide", 10), (2, 28, 28, 1), 10, dense_count([784, 1024, 1024, 10])),
     # d2l.ai LeNet (first conv padded by 2 on 28×28), the classic 61,706.
     (get_model("lenet5", 10), (2, 28, 28, 1), 10, 61_706),
+    # Greydanus 2020 MNIST-1D ConvBase: (5·1 + 1)·25 + 2·(3·25 + 1)·25 + (125 + 1)·10.
+    (get_model("cnn1d", 10), (2, 40), 10, 5_210),
     # kuangliu/pytorch-cifar ResNet18.
     (get_model("resnet18", 10), (2, 32, 32, 3), 10, 11_173_962),
     # He et al. 2016, option-A shortcuts. The often-quoted 1,730,714 is the
@@ -96,7 +100,7 @@ FULL_MODELS = [
 @pytest.mark.parametrize(
     "model, shape, num_classes, expected",
     FULL_MODELS,
-    ids=["mlp", "mlp_wide", "lenet5", "resnet18", "resnet110_A", "resnet110_B", "wrn28_10",
+    ids=["mlp", "mlp_wide", "lenet5", "cnn1d", "resnet18", "resnet110_A", "resnet110_B", "wrn28_10",
          "pyramidnet272", "efficientnet_b0"],
 )
 def test_full_model_parameter_count_and_logit_shape(model, shape, num_classes, expected):
@@ -127,6 +131,34 @@ def test_mlp_matches_a_closed_form_forward_pass():
     np.testing.assert_allclose(model.apply({"params": params}, x), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_conv1d_matches_a_closed_form_forward_pass():
+    # One convolution (kernel 3, stride 2, zero padding 1) then the linear layer:
+    # h[t, c] = relu(b_c + Σ_j Σ_i x_pad[2t + j, i] K[j, i, c]), length ⌊(7 + 2 − 3) / 2⌋ + 1 = 4.
+    model = Conv1D(channels=2, kernel_sizes=(3,), strides=2, padding=1, num_classes=3)
+    x = jax.random.normal(KEY, (5, 7, 2))
+    params = model.init(KEY, x)["params"]
+    k, b = np.asarray(params["Conv_0"]["kernel"]), np.asarray(params["Conv_0"]["bias"])
+    w, c = np.asarray(params["Dense_0"]["kernel"]), np.asarray(params["Dense_0"]["bias"])
+    xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (0, 0)))
+    h = np.stack([np.einsum("bji,jic->bc", xp[:, 2 * t:2 * t + 3], k) for t in range(4)], 1)
+    h = np.maximum(h + b, 0.0)
+    expected = h.reshape(5, -1) @ w + c
+    assert conv_output_length(7, 3, 2, 1) == 4
+    np.testing.assert_allclose(model.apply({"params": params}, x), expected, rtol=1e-5, atol=1e-5)
+    # A [B, n] input is one channel.
+    one = Conv1D(channels=2, kernel_sizes=(3,), num_classes=3)
+    v = one.init(KEY, jnp.zeros((1, 7)))
+    np.testing.assert_array_equal(one.apply(v, x[..., 0]), one.apply(v, x[..., :1]))
+
+
+def test_conv1d_rejects_images_and_too_short_signals():
+    model = get_model("cnn1d", 3)
+    with pytest.raises(ValueError, match="sequences"):
+        jax.eval_shape(model.init, KEY, jnp.zeros((2, 8, 8, 1)))
+    with pytest.raises(ValueError, match="too short"):
+        jax.eval_shape(model.init, KEY, jnp.zeros((2, 2)))
+
+
 def test_compute_dtype_keeps_float32_params_and_logits():
     model = ResNetTiny(num_classes=3, dtype=jnp.bfloat16)
     logits, variables = jax.eval_shape(model.init_with_output, KEY, jnp.zeros((2, 8, 8, 3)))
@@ -140,6 +172,7 @@ def test_compute_dtype_keeps_float32_params_and_logits():
 TRAIN_CASES = [
     ("mlp_tiny", (4, 8, 8, 1), {}, True),
     ("lenet5", (4, 12, 12, 1), {}, True),
+    ("cnn1d", (4, 40), {}, True),
     ("resnet_tiny", (4, 8, 8, 3), {}, True),
     ("resnet_tiny", (4, 8, 8, 3), {"shortcut": "zero_pad"}, True),
     ("wrn_tiny", (4, 8, 8, 3), {"dropout_rate": 0.3}, True),
@@ -202,7 +235,7 @@ def test_one_sgd_step_trains(name, shape, kwargs, true_gradient):
         )
         assert all(jax.tree.leaves(changed))
     else:
-        assert name in ("mlp_tiny", "lenet5") and not stats1
+        assert name in ("mlp_tiny", "lenet5", "cnn1d") and not stats1
 
 
 # --- BatchNorm bookkeeping ------------------------------------------------------------
@@ -366,6 +399,10 @@ def test_get_model_rejects_bad_class_counts(num_classes):
         (lambda: EfficientNet(dropout_rate=1.0), "dropout_rate"),
         (lambda: EfficientNet(stochastic_depth_rate=-0.1), "stochastic_depth_rate"),
         (lambda: MLPTiny(hidden_sizes=(8, 0)), "hidden_sizes"),
+        (lambda: Conv1D(channels=0), "channels"),
+        (lambda: Conv1D(kernel_sizes=()), "kernel_sizes"),
+        (lambda: Conv1D(strides=0), "strides"),
+        (lambda: Conv1D(padding=-1), "padding"),
         (lambda: ShakeDrop(0.0), "survival_prob"),
         (lambda: shake_drop(jnp.ones((2, 2)), KEY, 1.5), "survival_prob"),
     ],

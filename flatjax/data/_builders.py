@@ -9,8 +9,8 @@ validation set. The ``index`` feature is the example's position in the
 source package's arrays.
 
 Registered tfds names: ``flatjax_digits``, ``flatjax_mnist5k``,
-``flatjax_mnist1d``, ``flatjax_gaussian_mixture``, ``flatjax_fake_cifar10``,
-``flatjax_tiny_imagenet``.
+``flatjax_mnist1d``, ``flatjax_mnist1d_10k``, ``flatjax_gaussian_mixture``,
+``flatjax_fake_cifar10``, ``flatjax_tiny_imagenet``.
 """
 
 from __future__ import annotations
@@ -133,14 +133,32 @@ class FlatjaxMnist1d(_OfflineBuilder):
     DESCRIPTION = "mnist1d.data.make_dataset(get_dataset_args()), its own 4000/1000 split."
     SHAPE = (40,)
     DTYPE = np.float32
+    NUM_SAMPLES = None  # None: the package's default, 5,000 (4,000 train / 1,000 test)
 
     def _arrays(self):
         m = require("mnist1d.data", "the MNIST-1D dataset")
-        d = m.make_dataset(m.get_dataset_args())
+        args = m.get_dataset_args()
+        if self.NUM_SAMPLES is not None:
+            args.num_samples = self.NUM_SAMPLES  # same generator and seed, more examples
+        d = m.make_dataset(args)
         images = np.concatenate([d["x"], d["x_test"]]).astype(np.float32)
         labels = np.concatenate([d["y"], d["y_test"]])
         n = len(d["x"])
         return images, labels, np.arange(n), np.arange(n, len(images))
+
+
+class FlatjaxMnist1d10k(FlatjaxMnist1d):
+    """MNIST-1D with 12,500 generated signals: 10,000 train / 2,500 test.
+
+    ``make_dataset`` with ``get_dataset_args()`` except ``num_samples =
+    12500`` (the same templates, transforms, seed 42 and 80/20 split), for
+    networks that need more than 4,000 training examples to be told apart.
+    Test examples carry ``index`` = 10000 + position in ``x_test``.
+    """
+
+    name = "flatjax_mnist1d_10k"
+    DESCRIPTION = "mnist1d.data.make_dataset with num_samples=12500, its own 10000/2500 split."
+    NUM_SAMPLES = 12500
 
 
 def gaussian_mixture_arrays(
@@ -298,6 +316,7 @@ OFFLINE_BUILDERS = {
     "digits": FlatjaxDigits,
     "mnist5k": FlatjaxMnist5k,
     "mnist1d": FlatjaxMnist1d,
+    "mnist1d_10k": FlatjaxMnist1d10k,
     "gaussian_mixture": FlatjaxGaussianMixture,
     "fake_cifar10": FlatjaxFakeCifar10,
 }

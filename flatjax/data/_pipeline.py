@@ -92,6 +92,8 @@ CATALOGUE: dict[str, _Spec] = {
                      (0.13114,), (0.30832,), 255.0, 0, False, False, "offline"),
     "mnist1d": _Spec("flatjax_mnist1d", 10, (40,), 4000, 1000,
                      (-0.00032,), (0.99765,), 1.0, 0, False, False, "offline"),
+    "mnist1d_10k": _Spec("flatjax_mnist1d_10k", 10, (40,), 10000, 2500,
+                         (0.00041,), (0.99959,), 1.0, 0, False, False, "offline"),
     # Synthetic CIFAR look-alike (smoke tests, benchmarks): CIFAR-10's recipe.
     "fake_cifar10": _Spec("flatjax_fake_cifar10", 10, (32, 32, 3), 5000, 1000,
                           _CIFAR10_MEAN, _CIFAR10_STD, 255.0, 4, True, True, "offline"),

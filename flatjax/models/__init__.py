@@ -2,10 +2,11 @@
 
 Every model is called as ``model.apply(variables, x, train=bool, rngs=...,
 mutable=["batch_stats"] when train)`` on NHWC float32 images (the MLP
-flattens any input) and returns float32 logits [B, num_classes]. BatchNorm
-statistics live in the ``batch_stats`` collection. Randomness in training
-mode comes from the rng streams ``"dropout"`` (WideResNet dropout,
-EfficientNet dropout and stochastic depth) and ``"shakedrop"`` (PyramidNet).
+flattens any input; the 1-D CNN takes [B, n] or [B, n, C] sequences) and
+returns float32 logits [B, num_classes]. BatchNorm statistics live in the
+``batch_stats`` collection. Randomness in training mode comes from the rng
+streams ``"dropout"`` (WideResNet dropout, EfficientNet dropout and
+stochastic depth) and ``"shakedrop"`` (PyramidNet).
 
 ``MODELS`` maps names to constructors; ``get_model(name, num_classes)``
 builds one.
@@ -18,6 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from flatjax.models.conv1d import MNIST1DCNN, Conv1D, conv_output_length
 from flatjax.models.efficientnet import (
     EfficientNet,
     EfficientNetB0,
@@ -44,6 +46,7 @@ MODELS = {
     "mlp_wide": MLPWide,
     "mlp_tiny": MLPTiny,
     "lenet5": LeNet5,
+    "cnn1d": MNIST1DCNN,
     "resnet18": ResNet18,
     "resnet110": ResNet110,
     "resnet_tiny": ResNetTiny,
@@ -61,7 +64,7 @@ def get_model(name: str, num_classes: int, **kwargs):
 
     Args:
       name: a key of ``MODELS``: "mlp", "mlp_wide", "mlp_tiny", "lenet5",
-        "resnet18", "resnet110", "resnet_tiny", "wrn28_10", "wrn_tiny",
+        "cnn1d", "resnet18", "resnet110", "resnet_tiny", "wrn28_10", "wrn_tiny",
         "pyramidnet272", "pyramidnet_tiny", "efficientnet_b0",
         "efficientnet_tiny".
       num_classes: number of output logits, a positive integer.
@@ -114,6 +117,9 @@ __all__ = [
     "MLPTiny",
     "MLPWide",
     "LeNet5",
+    "Conv1D",
+    "MNIST1DCNN",
+    "conv_output_length",
     "BasicBlock",
     "ResNet",
     "ResNet18",
