@@ -431,20 +431,14 @@ def _unit_pair(w, b):
     return w / n, b / n
 
 
-def held_out_bias(w, x, y, fit, val, fit_w):
-    """b for w: the LDA threshold (``fit_bias``) of fit_w(x[fit], y[fit]) on the held-out split."""
-    w_fit = np.asarray(fit_w(x[fit], y[fit]), np.float64)
-    b_val = float(theory.fit_bias(w_fit, x[val], y[val]))
-    return b_val * float(np.linalg.norm(w)) / float(np.linalg.norm(w_fit))
-
-
 def study_solutions(prob, args, bias: bool) -> dict:
     """name -> (w, b, info) for every estimator of one training set."""
     x, y, fit, val, key = prob["x"], prob["y"], prob["fit"], prob["val"], prob["key"]
     out = {REFERENCE: (*theory.bayes_optimal_classifier(x, y, delta=args.delta, rho=args.rho), {})}
     if bias:
         w = theory.hebbian(x, y)
-        out["Hebbian + held-out bias"] = (w, held_out_bias(w, x, y, fit, val, theory.hebbian), {})
+        out["Hebbian + held-out bias"] = (
+            w, theory.held_out_bias(w, x, y, fit, val, theory.hebbian), {})
     for loss, name in (("square", "ERM square λ=0"), ("logistic", "ERM logistic λ=0"),
                        ("hinge", "ERM hinge λ→0")):
         out[name] = (*theory.erm(x, y, loss=loss, ridge=0.0, bias=bias), {})
@@ -453,8 +447,8 @@ def study_solutions(prob, args, bias: bool) -> dict:
                                         validation_fraction=VALIDATION_FRACTION)
         out[f"ERM {loss} ridge (val.)"] = (w, b, {"ridge": lam})
         if bias:
-            b2 = held_out_bias(w, x, y, fit, val, lambda xf, yf, loss=loss, lam=lam: theory.erm(
-                xf, yf, loss=loss, ridge=lam, bias=True)[0])
+            b2 = theory.held_out_bias(w, x, y, fit, val, lambda xf, yf, loss=loss, lam=lam:
+                                      theory.erm(xf, yf, loss=loss, ridge=lam, bias=True)[0])
             out[f"ERM {loss} ridge (val.) + held-out bias"] = (w, b2, {"ridge": lam})
     for r in args.radii:
         out[f"fixed-norm MSE R={r:g}"] = (*theory.fixed_norm_mse(x, y, r, bias=bias), {})
@@ -471,7 +465,7 @@ def study_solutions(prob, args, bias: bool) -> dict:
         out[f"shell q={q:g} (y=∞)"] = (w, b, {})
         if bias:
             out[f"shell q={q:g} (y=∞) + held-out bias"] = (
-                w, held_out_bias(w, x, y, fit, val, lambda xf, yf: shell(xf, yf)[0]), {})
+                w, theory.held_out_bias(w, x, y, fit, val, lambda xf, yf: shell(xf, yf)[0]), {})
     for n in args.run_lengths:
         q = args.shell_overlaps[len(args.shell_overlaps) // 2]
         out[f"shell q={q:g} (y=∞) T={n}"] = (*theory.fixed_distance_error_fit(

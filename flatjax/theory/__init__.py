@@ -44,7 +44,8 @@ train the same linear model with flatjax's optimizers: ``replicated_sgd_fit``
 a differentiable loss or on the smoothed error-counting loss
 ``smoothed_error``, which is the training error averaged over Gaussian noise
 on the normalised classifier, i.e. a local energy of the classifier itself.
-``fit_bias`` fits the bias of a given direction apart (two-Gaussian threshold).
+``fit_bias`` fits the bias of a given direction apart (two-Gaussian threshold),
+``held_out_bias`` measures it on a held-out split.
 
 Fixed norm and fixed distance (Baldassi et al. 2020). ``fixed_norm_mse`` is
 the square-loss minimiser on the sphere ‖w‖ = R and
@@ -55,6 +56,8 @@ with a centre, ``fixed_distance_error_fit`` the centre that minimises it
 (the flattest at that distance) and ``fixed_distance_replicated_error`` the
 replicated scheme with y optimised replicas on the smoothed error count.
 ``classifier_local_energy`` measures flatness under weight noise.
+``mixture_demo`` pairs the Bayes plug-in, validated ridge ERM and the shell
+centre on a few training sets and writes a table and a figure.
 
 Randomness: every function that samples takes a ``jax.random`` key.
 
@@ -70,10 +73,12 @@ References:
   arXiv:2002.11544.
 """
 
+from flatjax.theory._demo import mixture_demo
 from flatjax.theory._erm import (
     LOSSES,
     erm,
     fit_bias,
+    held_out_bias,
     margin_loss,
     max_margin,
     select_ridge,
@@ -124,6 +129,7 @@ __all__ = [
     "train_validation_split",
     "select_ridge",
     "fit_bias",
+    "held_out_bias",
     "classifier_local_energy",
     "replicated_sgd_fit",
     "entropy_sgd_fit",
@@ -132,4 +138,5 @@ __all__ = [
     "fixed_distance_local_energy",
     "fixed_distance_error_fit",
     "fixed_distance_replicated_error",
+    "mixture_demo",
 ]

@@ -336,3 +336,42 @@ def fit_bias(w, x, y):
     rho = pos.mean()
     t = 0.5 * (m_pos + m_neg) - var * np.log(rho / (1 - rho)) / gap
     return jnp.asarray(-t * norm, jnp.float32)
+
+
+def held_out_bias(w, x, y, fit, validation, fit_direction):
+    r"""The bias of w measured on held-out data: ``fit_bias`` of a refit on the other part.
+
+    The direction is refitted on the fit part only, w' = ``fit_direction``(x[fit], y[fit]),
+    its two-Gaussian threshold b' = ``fit_bias``(w', x[validation], y[validation]) is
+    measured on points w' has not seen, and carried over to w at the same normalised
+    threshold:
+
+    .. math::
+
+      b = b' \, ‖w‖ / ‖w'‖.
+
+    The threshold of a direction fitted on all the data, measured on the same data,
+    is biased towards the training set's own margins; this estimate is not.
+
+    Args:
+      w: the direction fitted on all the data [N] (nonzero).
+      x, y: data [P, N], labels ±1 [P].
+      fit, validation: disjoint index arrays (``train_validation_split``).
+      fit_direction: ``(x, y) -> w'``, the estimator that gave w.
+
+    Returns:
+      b as a float.
+
+    Example:
+      >>> import jax
+      >>> from flatjax import theory
+      >>> d = theory.gaussian_mixture(jax.random.key(0), dim=50, alpha=4.0, rho=0.25)
+      >>> fit, val = theory.train_validation_split(jax.random.key(1), d.x.shape[0])
+      >>> w = theory.hebbian(d.x, d.y)
+      >>> b = theory.held_out_bias(w, d.x, d.y, fit, val, theory.hebbian)
+      >>> b < 0  # the threshold leans to the majority class y = -1
+      True
+    """
+    w_fit = np.asarray(fit_direction(x[fit], y[fit]), np.float64)
+    b_val = float(fit_bias(w_fit, x[validation], y[validation]))
+    return b_val * float(np.linalg.norm(w)) / float(np.linalg.norm(w_fit))
