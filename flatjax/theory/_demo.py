@@ -123,7 +123,7 @@ def _plot(alphas, eps_bo_fn, summary, path: Path, title: str) -> None:
     for i, name in enumerate(NAMES):
         eg = np.array([summary[a]["eps_g"][i] for a in alphas])
         diff = np.array([summary[a]["vs_plugin"][i] for a in alphas])
-        style = {"marker": "osD"[i], "capsize": 3, "label": name}
+        style = {"marker": "osD"[i], "color": f"C{i}", "capsize": 3, "label": name}
         axes[0].errorbar(alphas, eg[:, 0], yerr=np.nan_to_num(eg[:, 1]), **style)
         if i:
             axes[1].errorbar(alphas, diff[:, 0], yerr=np.nan_to_num(diff[:, 1]), **style)
@@ -131,6 +131,8 @@ def _plot(alphas, eps_bo_fn, summary, path: Path, title: str) -> None:
     axes[1].set(xscale="log", xlabel="α = P/N", ylabel="ε_g − ε_g(Bayes plug-in), paired")
     axes[1].set_yscale("symlog", linthresh=1e-3)
     for ax in axes:
+        ax.set_xticks(alphas, [f"{a:g}" for a in alphas])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
