@@ -341,8 +341,8 @@ def fit_bias(w, x, y):
 def held_out_bias(w, x, y, fit, validation, fit_direction):
     r"""The bias of w measured on held-out data: ``fit_bias`` of a refit on the other part.
 
-    The direction is refitted on the fit part only, w' = ``fit_direction``(x[fit], y[fit]),
-    its two-Gaussian threshold b' = ``fit_bias``(w', x[validation], y[validation]) is
+    The direction is refitted on the fit part only, w' = ``fit_direction(x[fit], y[fit])``,
+    its two-Gaussian threshold b' = ``fit_bias(w', x[validation], y[validation])`` is
     measured on points w' has not seen, and carried over to w at the same normalised
     threshold:
 
