@@ -99,3 +99,23 @@ def test_demo_rejects_bad_arguments_naming_them(tmp_path, kwargs, name):
         theory.mixture_demo(tmp_path, **{"n": 20, "alphas": (1.0,), "seeds": 1, **kwargs},
                             progress=None)
     assert not (tmp_path / "mixture.md").exists()
+
+
+def test_unbalanced_demo_stays_above_the_oracle_rule(tmp_path):
+    # With ρ ≠ ½ every classifier has a bias; none beats w = v with the Bayes threshold
+    # b* = (Δ/2) log(ρ/(1 − ρ)), whose error is ρ H(1 + b*) + (1 − ρ) H(1 − b*) at Δ = 1.
+    rho = 0.25
+    table, _ = theory.mixture_demo(tmp_path, n=40, alphas=(2.0,), seeds=2, rho=rho,
+                                   progress=None)
+    head, _, row = table.splitlines()
+    cells = dict(zip([c.strip() for c in head.strip("|").split("|")],
+                     [c.strip() for c in row.strip("|").split("|")], strict=True))
+    b = 0.5 * math.log(rho / (1 - rho))
+    floor = rho * 0.5 * math.erfc((1 + b) / math.sqrt(2)) + (
+        1 - rho) * 0.5 * math.erfc((1 - b) / math.sqrt(2))
+    assert _value(cells["ε_BO"]) == pytest.approx(theory.bayes_optimal_error(2.0, 1.0, rho),
+                                                  abs=1e-4)
+    assert _value(cells["ε_BO"]) > floor
+    for name in ("Bayes plug-in", "ridge logistic (val.)", "shell centre"):
+        assert _value(cells[f"{name} ε_g"]) >= floor
+    assert "held-out bias" in (tmp_path / "mixture.md").read_text()
