@@ -31,6 +31,7 @@ from experiments.study.settings import (
 from flatjax import data as fdata
 from flatjax import models
 from flatjax.training import (
+    algorithms,
     array_source,
     create_train_state,
     eval_variables,
@@ -45,11 +46,7 @@ __all__ = ["load_runs", "run_dataset", "run_matched_sgd", "run_study", "train_se
 
 
 def _batch_layout(config) -> dict:
-    if config.algorithm == "replicated_sgd":
-        return {"num_replicas": int(config.rsgd.num_replicas)}
-    if config.algorithm == "entropy_sgd":
-        return {"stack": int(config.esgd.inner_steps)}
-    return {}
+    return algorithms.get(config.algorithm).batch_shape(config)
 
 
 def _index_stream(labels, config, seed, num_steps):
@@ -89,15 +86,16 @@ def train_seeds(config, model, train, seeds):
         c = config.copy_and_resolve_references()
         c.seed = int(s)
         balance = None
-        if c.algorithm == "replicated_sgd" and c.rsgd.coupling is None:
+        if algorithms.get(c.algorithm).needs_measurement(c):
             # The authors' balanced γ_0: the mean training loss over the training set.
             balance = [{"image": x, "label": y}]
         states.append(create_train_state(c, model, info, jax.random.PRNGKey(s), plan=plan,
                                          balance_batches=balance))
-    leaves = lambda st: (st.step, st.params, st.batch_stats, st.opt_state, st.rng)  # noqa: E731
+    leaves = lambda st: (st.step, st.params, st.batch_stats, st.opt_state, st.rng,  # noqa: E731
+                         st.hparams)
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *[leaves(st) for st in states])
     state = states[0].replace(step=stacked[0], params=stacked[1], batch_stats=stacked[2],
-                              opt_state=stacked[3], rng=stacked[4])
+                              opt_state=stacked[3], rng=stacked[4], hparams=stacked[5])
     step_fn = make_train_step(config)
     start = time.time()
     state, metrics = _runner(step_fn)(state, jnp.asarray(indices), jnp.asarray(x), jnp.asarray(y))
@@ -126,7 +124,7 @@ class _Measure:
         out = {}
         for split, (x, y) in self.splits.items():
             out[f"{split}_error"] = evaluate(self.model.apply, variables, x, y)["error"]
-        if state.algorithm == "replicated_sgd":
+        if algorithms.get(state.algorithm).has_replicas:
             x, y = self.splits["test"]
             reps = evaluate_replicas(self.model.apply, {"params": state.params}, x, y)
             out["test_replica_error_mean"] = float(np.mean(reps["replica_error"]))

@@ -61,19 +61,16 @@ References:
 
 from flatjax.data._augment import cutout, normalize, random_crop, random_flip
 from flatjax.data._builders import gaussian_mixture_arrays
-from flatjax.data._pipeline import (
+from flatjax.data._catalogue import (
     CATALOGUE,
     DatasetInfo,
     DatasetNotPreparedError,
     default_data_dir,
-    eval_batches,
     get_info,
-    load_arrays,
     prepare,
     prepare_tiny_imagenet,
-    steps_per_epoch,
-    train_batches,
 )
+from flatjax.data._pipeline import eval_batches, load_arrays, steps_per_epoch, train_batches
 
 __all__ = [
     "CATALOGUE",

@@ -172,7 +172,10 @@ def gaussian_mixture_arrays(
 
     ``v`` is uniform on the unit sphere of dimension ``N = dim``, ``y = ±1``
     with probability ½ each, ``z ~ N(0, I_N)``; ``P = round(α N)`` training
-    points (``α = alpha``, ``Δ = delta``). Labels are stored as ``(y + 1) / 2``.
+    points (``α = alpha``, ``Δ = delta``), drawn by
+    :func:`flatjax.theory.teacher_direction` and
+    :func:`flatjax.theory.sample_mixture` from ``jax.random.key(seed)``.
+    Labels are stored as ``(y + 1) / 2``.
 
     Returns:
       ``(x float32 [P + num_test, N], labels int64 {0, 1}, v float64 [N])``;
@@ -195,19 +198,26 @@ def gaussian_mixture_arrays(
         raise ValueError(
             f"alpha * dim = {alpha} * {dim} rounds to 0 training points; raise alpha or dim."
         )
-    rng = np.random.default_rng(seed)
-    v = rng.standard_normal(dim)
-    v /= np.linalg.norm(v)
-    n = int(round(alpha * dim)) + num_test
-    y = rng.choice(np.array([-1.0, 1.0]), size=n)
-    x = y[:, None] * v + np.sqrt(delta) * rng.standard_normal((n, dim))
-    return x.astype(np.float32), ((y + 1) // 2).astype(np.int64), v
+    # The theory's own sampler (flatjax.theory.sample_mixture), so that the
+    # tfds dataset and the theory's experiments draw from one generator.
+    import jax  # lazy: reading prepared datasets needs neither jax nor the theory
+
+    from flatjax import theory
+
+    k_direction, k_samples = jax.random.split(jax.random.key(seed))
+    v = theory.teacher_direction(k_direction, dim)
+    x, y = theory.sample_mixture(k_samples, v, int(round(alpha * dim)) + num_test,
+                                 delta=float(delta), rho=0.5)
+    labels = ((np.asarray(y) + 1) // 2).astype(np.int64)
+    return np.asarray(x, np.float32), labels, np.asarray(v, np.float64)
 
 
 class FlatjaxGaussianMixture(_OfflineBuilder):
     """The theory's Gaussian mixture with N = 100, α = 2, Δ = 1 (200 train, 5,000 test), seed 0."""
 
     name = "flatjax_gaussian_mixture"
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Drawn by flatjax.theory.sample_mixture (jax.random)."}
     DESCRIPTION = "x = y v + sqrt(Delta) z, N=100, alpha=2, Delta=1, balanced, seed 0."
     SHAPE = (GM_DIM,)
     DTYPE = np.float32

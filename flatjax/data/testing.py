@@ -16,7 +16,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from flatjax.data._pipeline import _spec, default_data_dir
+from flatjax.data._catalogue import _spec, default_data_dir
 
 
 @contextlib.contextmanager

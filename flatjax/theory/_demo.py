@@ -206,14 +206,14 @@ def mixture_demo(
             progress(f"α = {alpha:g}: {seeds} training sets fitted "
                      f"({time.perf_counter() - start:.1f} s)")
 
-    head = ["α", "ε_BO"]
-    for name in NAMES:
+    head = ["α", "ε_BO", f"{NAMES[0]} ε_g"]  # the reference: no paired column of its own
+    for name in NAMES[1:]:
         head += [f"{name} ε_g", f"{name} − plug-in"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for alpha in alphas:
         s = summary[alpha]
-        cells = [f"{alpha:g}", f"{s['eps_bo']:.4f}"]
-        for eg, diff in zip(s["eps_g"], s["vs_plugin"], strict=True):
+        cells = [f"{alpha:g}", f"{s['eps_bo']:.4f}", _cell(*s["eps_g"][0])]
+        for eg, diff in zip(s["eps_g"][1:], s["vs_plugin"][1:], strict=True):
             cells += [_cell(*eg), _cell(*diff, sign="+")]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)

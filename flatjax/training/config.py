@@ -152,10 +152,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _check_dataset_name(name: str) -> None:
-    from flatjax.data import _pipeline  # lazy: flatjax.data imports tfds and grain
+    from flatjax.data import _catalogue  # lazy: flatjax.data imports tfds and grain
 
     try:
-        _pipeline._spec(name)  # the catalogue's own check (it knows the aliases)
+        _catalogue._spec(name)  # the catalogue's own check (it knows the aliases)
     except ValueError as error:
         raise ValueError(f"config.dataset: {error}") from None
 
