@@ -154,11 +154,25 @@ def results_table(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
-def _plot_curves(runs: Sequence[Run], path: Path) -> None:
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (files only), or the extra's install hint."""
     matplotlib = require("matplotlib", "the figures of flatjax results")
     matplotlib.use("Agg")
-    plt = require("matplotlib.pyplot", "the figures of flatjax results")
+    return require("matplotlib.pyplot", "the figures of flatjax results")
 
+
+def _finish(plt, fig, axes, path) -> None:
+    """Grid and legend on every panel, then the PNG."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_curves(runs: Sequence[Run], path: Path) -> None:
+    plt = _pyplot()
     panels = [("train_loss", "training loss"), ("error", "test error of the evaluated network (%)")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, (key, label) in zip(axes, panels, strict=True):
@@ -173,18 +187,12 @@ def _plot_curves(runs: Sequence[Run], path: Path) -> None:
             ax.plot(x, [r.get(k, math.nan) for r in rows], marker=".", label=run.name)
         ax.set_xlabel("effective epochs (gradient evaluations / (N/B))")
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     axes[0].set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish(plt, fig, axes, path)
 
 
 def _plot_local_energy(runs: Sequence[Run], path: Path) -> None:
-    matplotlib = require("matplotlib", "the figures of flatjax results")
-    matplotlib.use("Agg")
-    plt = require("matplotlib.pyplot", "the figures of flatjax results")
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for run in runs:
@@ -193,18 +201,12 @@ def _plot_local_energy(runs: Sequence[Run], path: Path) -> None:
                     capsize=3, label=run.name)  # fmt: skip
     ax.set_xlabel("σ (multiplicative weight noise)")
     ax.set_ylabel("local energy δE (training error, % points)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish(plt, fig, [ax], path)
 
 
 def _plot_error_vs_flatness(runs: Sequence[Run], path: Path, sigma: float) -> None:
     """Test error against δE(σ), one point per run (± stderr), one colour per algorithm."""
-    matplotlib = require("matplotlib", "the figures of flatjax results")
-    matplotlib.use("Agg")
-    plt = require("matplotlib.pyplot", "the figures of flatjax results")
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -223,11 +225,7 @@ def _plot_error_vs_flatness(runs: Sequence[Run], path: Path, sigma: float) -> No
                     label=algorithm)
     ax.set_xlabel(f"local energy δE(σ = {sigma:g}) (training error, % points)")
     ax.set_ylabel("test error of the evaluated network (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish(plt, fig, [ax], path)
 
 
 def write_results(run_dirs: Sequence[str], out: str | os.PathLike) -> tuple[str, list[Path]]:
