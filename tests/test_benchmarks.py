@@ -37,3 +37,45 @@ def test_summary_reports_a_failed_section(tmp_path):
                             {"backend": "cpu"}, ["pipeline"])
     assert summary["rows"] == [{"benchmark": "pipeline", "error": "skipped: needs tfds"}]
     assert "| pipeline | - | - | - | - | skipped: needs tfds |" in run.markdown(summary)
+
+
+def test_profile_bench_attributes_the_langevin_noise_and_the_coupling(tmp_path):
+    from experiments.benchmarks import profile_bench
+
+    report = profile_bench.main(["--model", "mlp_tiny", "--batch-size", "8", "--reps", "2",
+                                 "--profile-reps", "1", "--inner-steps", "2",
+                                 "--num-replicas", "2", "--out", str(tmp_path)])
+    with open(tmp_path / "profile_mlp_tiny.json") as f:
+        assert json.load(f)["rows"] == json.loads(json.dumps(report["rows"]))
+    for row in report["rows"]:
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0
+        assert row["spread"][0] <= row["ratio"] <= row["spread"][1]
+    prof = report["profiles"]
+    # Only Entropy-SGD draws Langevin noise and only the coupled replicas pay
+    # for a coupling; every step computes gradients.
+    assert prof["esgd_scan"]["thunk_ms"]["noise"] > 0
+    assert prof["esgd_stepwise"]["thunk_ms"]["noise"] > 0
+    assert "noise" not in prof["sgd_x2"]["thunk_ms"]
+    assert prof["rsgd"]["thunk_ms"]["rsgd_coupling"] > 0
+    assert "rsgd_coupling" not in prof["rsgd_uncoupled"]["thunk_ms"]
+    assert all(p["thunk_ms"]["gradient"] > 0 for p in prof.values())
+    # Two noise draws of n normals: the uint32 bits and the float32 normals are
+    # each read or written at least once per draw.
+    assert prof["esgd_scan"]["param_passes"]["noise"] >= 2 * 2
+    # XLA's cost model sees the Langevin noise's transcendentals (erf⁻¹ per parameter).
+    assert prof["esgd_scan"]["xla_transcendentals"] >= 2 * report["n_params"]
+
+
+def test_categorise_reads_the_innermost_known_frame():
+    from experiments.benchmarks.profile_bench import categorise
+
+    noise = [("/x/flatjax/_esgd/_noise.py", "hash_normal"),
+             ("/x/flatjax/_esgd/_core.py", "EntropySGDCore.langevin_step")]
+    assert categorise(noise) == "noise"
+    assert categorise(noise[1:]) == "esgd_langevin"
+    assert categorise([("/x/flax/linen/linear.py", "Dense.__call__")]) == "gradient"
+    assert categorise([("/x/optax/_src/transform.py", "update_fn")]) == "optax"
+    assert categorise([("/x/flatjax/_rsgd/_replicas.py", "replica_map")]) == "rsgd_replicas"
+    assert categorise([("/x/flatjax/_rsgd/_axis.py", "_tree_mean")]) == "rsgd_coupling"
+    assert categorise([("/x/flax/linen/linear.py", "f")], "copy") == "copies"
+    assert categorise([]) == "other"
