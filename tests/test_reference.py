@@ -126,13 +126,16 @@ def _esgd_run(
             params, state = step(params, state, batches)
             history.append(params)
         return history
+    @jax.jit
+    def call(walker, state, b):  # one Langevin step through an unmodified update
+        value, grads = jax.value_and_grad(_loss)(walker, xs[b], ys[b])
+        updates, state = opt.update(grads, state, walker, value=value)
+        return optax.apply_updates(walker, updates), state
+
     walker = params
     for t in range(num_steps):
         for i in range(inner_steps):
-            b = batch_of(t, i)
-            value, grads = jax.value_and_grad(_loss)(walker, xs[b], ys[b])
-            updates, state = opt.update(grads, state, walker, value=value)
-            walker = optax.apply_updates(walker, updates)
+            walker, state = call(walker, state, jnp.asarray(batch_of(t, i)))
         history.append(flatjax.entropy_sgd_eval_params(state, walker))
     return history
 

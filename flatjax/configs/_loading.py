@@ -109,7 +109,7 @@ def config_flag_overrides(argv: list[str]) -> list[str]:
     """``ml_collections.config_flags`` overrides (``--config.key=value``) as ``--set key=value``.
 
     Example:
-      >>> _config_flag_overrides(["train", "--config.num_epochs=1", "--config.esgd.noise", "0"])
+      >>> config_flag_overrides(["train", "--config.num_epochs=1", "--config.esgd.noise", "0"])
       ['train', '--set', 'num_epochs=1', '--set', 'esgd.noise=0']
     """
     out, i = [], 0
