@@ -111,7 +111,7 @@ def restore_run(workdir: str | os.PathLike, overrides: Sequence[str] = ()) -> Re
     import jax
 
     from flatjax import data, models, training
-    from flatjax.training.state import build_train_state
+    from flatjax.training.state import abstract_train_state
 
     workdir = Path(workdir)
     config = _read_config(workdir, overrides)
@@ -122,11 +122,11 @@ def restore_run(workdir: str | os.PathLike, overrides: Sequence[str] = ()) -> Re
     info = data.get_info(config.dataset, data_dir=config.data_dir)
     model = models.get_model(config.model, info.num_classes, **dict(config.model_kwargs))
     algorithm = training.algorithms.get(config.algorithm)
-    # The measured hyperparameters (the balanced γ_0) are in the checkpoint:
-    # the restore target needs only their structure.
-    state = build_train_state(
+    # The restore target needs only the state's structure, shapes and dtypes
+    # (the measured hyperparameters, the balanced γ_0, are in the checkpoint).
+    state = abstract_train_state(
         config, model, {"input_shape": info.input_shape, "num_train": info.num_train},
-        jax.random.PRNGKey(config.seed), hparams=algorithm.placeholder_hparams(config),
+        jax.random.PRNGKey(config.seed),
     )  # fmt: skip
     checkpointer = training.Checkpointer(ckpt_dir, keep=max(1, int(config.keep_checkpoints)))
     try:

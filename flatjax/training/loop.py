@@ -39,7 +39,13 @@ from flatjax.training.data_source import DataSource, array_source, dataset_sourc
 from flatjax.training.evaluate import evaluate
 from flatjax.training.metrics import MetricsWriter, plot_curves
 from flatjax.training.sharding import shard_train_state, shard_train_step
-from flatjax.training.state import build_train_state, eval_variables, info_field, with_saved_hparams
+from flatjax.training.state import (
+    abstract_train_state,
+    build_train_state,
+    eval_variables,
+    info_field,
+    with_saved_hparams,
+)
 from flatjax.training.steps import NonFiniteError, check_finite, make_train_step
 from flatjax.training.workdir import (
     STRUCTURAL_FIELDS,
@@ -240,12 +246,12 @@ def _train(config, workdir: str, model, data) -> dict:
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     checkpointer = Checkpointer(checkpoint_dir, keep=config.keep_checkpoints, cleanup_tmp=True)
     try:
-        # The restore target needs the structure of the measured hyperparameters,
-        # not their values: a resumed run takes them from its checkpoint.
+        # The restore target is abstract (jax.eval_shape: structure, shapes and
+        # dtypes only); a resumed run takes the measured hyperparameters from its
+        # checkpoint instead of measuring them again.
         state = restored = None
         if checkpointer.all_steps():
-            template = build_train_state(config, model, data.info, key, plan=plan,
-                                         hparams=algorithm.placeholder_hparams(config))
+            template = abstract_train_state(config, model, data.info, key, plan=plan)
             restored = checkpointer.restore_latest(template)
         if restored is None:
             check_history(workdir, checkpoint_dir, plan.checkpoint_every)

@@ -250,14 +250,34 @@ def create_train_state(
                              balance_batches=balance_batches, hparams=hparams)
 
 
+def _default_plan(config, info) -> StepPlan:
+    num_train = int(info_field(info, "num_train", "num_train_examples", "train_size"))
+    num_train = int(num_train * (1 - config.validation_fraction))
+    return plan_steps(config, num_train // config.batch_size)
+
+
+def abstract_train_state(config, model, info, rng, *, plan=None) -> TrainState:
+    """The state's structure, shapes and dtypes (``jax.eval_shape``): a restore target.
+
+    Nothing is initialised or compiled; the measured hyperparameters are
+    placeholders of the right structure (a restore brings the saved ones).
+    The Optax transformation is built outside the abstract evaluation, so it
+    holds no traced values.
+    """
+    algorithm = algorithms.get(config.algorithm)
+    plan = _default_plan(config, info) if plan is None else plan
+    hparams = algorithm.placeholder_hparams(config)
+    state = jax.eval_shape(lambda: build_train_state(config, model, info, rng, plan=plan,
+                                                     hparams=hparams))
+    return state.replace(tx=algorithm.make_optimizer(config, plan, hparams))
+
+
 def build_train_state(config, model, info, rng, *, plan=None, balance_batches=None,
                       hparams=None) -> TrainState:
     """:func:`create_train_state` for a config that was already validated."""
     algorithm = algorithms.get(config.algorithm)
     if plan is None:
-        num_train = int(info_field(info, "num_train", "num_train_examples", "train_size"))
-        num_train = int(num_train * (1 - config.validation_fraction))
-        plan = plan_steps(config, num_train // config.batch_size)
+        plan = _default_plan(config, info)
     init_rng, state_rng = jax.random.split(rng)
     shape = tuple(info_field(info, "input_shape", "shape", "image_shape"))
     dummy = jnp.zeros((1, *shape), jnp.float32)

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from flatjax.training.algorithms._common import lr_schedule
@@ -99,7 +99,8 @@ class Algorithm:
         return {}
 
     def placeholder_hparams(self, config: ml_collections.ConfigDict) -> dict:
-        """Hyperparameters of the right structure, for a restore target."""
+        """Hyperparameters of the right structure, for a restore target (NumPy scalars,
+        so that the target can be built abstractly with ``jax.eval_shape``)."""
         return {}
 
     def learning_rate(self, config, plan, step: int) -> float:
@@ -146,4 +147,4 @@ class Algorithm:
 
 def float32(value) -> float:
     """``value`` rounded to float32: what a checkpoint holds, so resumes are exact."""
-    return float(jnp.float32(value))
+    return float(np.float32(value))

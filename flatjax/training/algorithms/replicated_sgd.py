@@ -25,6 +25,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import flatjax
@@ -222,10 +223,10 @@ class ReplicatedSGD(Algorithm):
                 "or set config.rsgd.coupling to a number."
             )
         gamma0 = balanced_coupling_on(apply_fn, params, batch_stats, batches)
-        return {"coupling": jnp.float32(gamma0)}
+        return {"coupling": np.float32(gamma0)}
 
     def placeholder_hparams(self, config):
-        return {} if config.rsgd.coupling is not None else {"coupling": jnp.float32(1.0)}
+        return {} if config.rsgd.coupling is not None else {"coupling": np.float32(1.0)}
 
     def make_optimizer(self, config, plan, hparams):
         r = config.rsgd
