@@ -302,6 +302,7 @@ def _train(config, workdir: str, model, data) -> dict:
     skipped = int(loop_state.get("skipped", 0))
     limit = float(config.get("max_skipped_fraction", 0.1))
     batches = iter(data.train_batches(start, **shape))
+    learning_rate = algorithm.learning_rate_fn(config, plan)  # built once, read per log
     started = time.time()
     pending = []
     last_row: dict = writer.rows[-1] if writer.rows else {}
@@ -357,7 +358,7 @@ def _train(config, workdir: str, model, data) -> dict:
             )
             writer.log_step(done, done * plan.grads_per_step, {
                 **{k: float(latest[k]) for k in _STEP_SCALARS if k in latest},
-                "learning_rate": algorithm.learning_rate(config, plan, done - 1),
+                "learning_rate": learning_rate(done - 1),
             })
             if at_eval:
                 grad_evals = done * plan.grads_per_step

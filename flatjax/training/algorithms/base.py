@@ -103,11 +103,12 @@ class Algorithm:
         so that the target can be built abstractly with ``jax.eval_shape``)."""
         return {}
 
-    def learning_rate(self, config, plan, step: int) -> float:
-        """The (outer) learning rate at training step ``step``, for the logs."""
+    def learning_rate_fn(self, config, plan) -> Callable[[int], float]:
+        """``step -> the (outer) learning rate at training step step``, for the logs."""
         schedule = lr_schedule(config, plan.total_outer_steps)
-        outer = int(step * plan.outer_steps_per_step)
-        return float(schedule(outer)) if callable(schedule) else float(schedule)
+        if not callable(schedule):
+            return lambda step: float(schedule)
+        return lambda step: float(schedule(int(step * plan.outer_steps_per_step)))
 
     def make_optimizer(self, config, plan,
                        hparams: Mapping[str, Any]) -> optax.GradientTransformation:
