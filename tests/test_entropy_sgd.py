@@ -751,48 +751,35 @@ def test_chaining_the_primitive_with_sgd_is_the_gradient_scaled_alias():
     np.testing.assert_allclose(xa, xc, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("generator", ["hash", "threefry"])
-def test_langevin_noise_is_iid_standard_normal(generator):
-    # Zero gradient, γ = 1, L = 1, α = 0, outer SGD lr 1: each outer step moves
-    # the anchor by exactly σ ξ (test_noise_variance), so three steps on a
-    # pytree of several leaves expose the noise itself, z = step / σ: its
-    # moments, its distribution (Kolmogorov–Smirnov), its tails, and its
-    # correlations between neighbouring entries (across leaf boundaries too),
-    # between steps and between seeds must be those of i.i.d. N(0, 1).
-    from scipy import stats
+def _langevin_noise(generator, seed, num_steps):
+    """The Langevin noise z of ``num_steps`` outer steps, read off the updates.
 
+    Zero gradient, γ = 1, L = 1, α = 0, outer SGD lr 1: each outer step moves
+    the anchor by exactly σ ξ (test_noise_variance), so steps on a pytree of
+    several leaves expose the noise itself, z = step / σ.
+    """
     eps, eta_in = 0.5, 0.02
     sigma = eps * np.sqrt(2 * eta_in)
     kw = dict(
         inner_steps=1, coupling=1.0, inner_learning_rate=eta_in, noise=eps,
         average_weight=0.0, inner_weight_decay=0.0, momentum=0.0,
-        noise_generator=generator,
     )
+    if generator is not None:
+        kw["noise_generator"] = generator
     params = {"a": jnp.zeros(30_011), "b": jnp.zeros((97, 101)), "c": jnp.zeros(7)}
     zero_grad = lambda w, *_: jax.tree.map(jnp.zeros_like, w)
+    opt = flatjax.entropy_sgd(1.0, seed=seed, **kw)
+    state, x, out = opt.init(params), params, []
+    for _ in range(num_steps):
+        step, state = opt.update(None, state, x, grad_fn=zero_grad)
+        x = optax.apply_updates(x, step)
+        out.append(np.concatenate([np.ravel(v) for v in jax.tree.leaves(step)]) / sigma)
+    return out
 
-    def draws(seed, num_steps):
-        opt = flatjax.entropy_sgd(1.0, seed=seed, **kw)
-        state, x, out = opt.init(params), params, []
-        for _ in range(num_steps):
-            step, state = opt.update(None, state, x, grad_fn=zero_grad)
-            x = optax.apply_updates(x, step)
-            out.append(np.concatenate([np.ravel(v) for v in jax.tree.leaves(step)]) / sigma)
-        return out
 
-    z = draws(seed=3, num_steps=3)
-    other_seed = draws(seed=4, num_steps=1)[0]
-    n = z[0].size
-    all_z = np.concatenate(z).astype(np.float64)
-    big_n = all_z.size
-    assert abs(all_z.mean()) < 5 / np.sqrt(big_n)
-    assert abs(all_z.var(ddof=1) - 1) < 5 * np.sqrt(2 / big_n)
-    assert stats.kstest(all_z, "norm").pvalue > 1e-3
-    for t in (1.0, 2.0, 3.0):
-        p = 2 * stats.norm.sf(t)
-        frac = np.mean(np.abs(all_z) > t)
-        assert abs(frac - p) < 5 * np.sqrt(p * (1 - p) / big_n), (t, frac, p)
-    bound = 5 / np.sqrt(n)
+def _assert_independent(z, other_seed):
+    """No correlation between neighbours (across leaf boundaries too), steps or seeds."""
+    bound = 5 / np.sqrt(z[0].size)
     for zi in z:
         assert abs(np.corrcoef(zi[:-1], zi[1:])[0, 1]) < bound
         assert abs(np.corrcoef(zi[:-2], zi[2:])[0, 1]) < bound
@@ -802,6 +789,59 @@ def test_langevin_noise_is_iid_standard_normal(generator):
     # No two leaves repeat each other's noise (one draw split into the leaves).
     a, b = z[0][:7], z[0][-7:]
     assert not np.allclose(a, b)
+
+
+@pytest.mark.parametrize("generator", ["hash", "threefry"])
+def test_langevin_noise_is_iid_standard_normal(generator):
+    # The Gaussian generators: moments, distribution (Kolmogorov–Smirnov),
+    # tails and correlations of i.i.d. N(0, 1).
+    from scipy import stats
+
+    z = _langevin_noise(generator, seed=3, num_steps=3)
+    all_z = np.concatenate(z).astype(np.float64)
+    big_n = all_z.size
+    assert abs(all_z.mean()) < 5 / np.sqrt(big_n)
+    assert abs(all_z.var(ddof=1) - 1) < 5 * np.sqrt(2 / big_n)
+    assert stats.kstest(all_z, "norm").pvalue > 1e-3
+    for t in (1.0, 2.0, 3.0):
+        p = 2 * stats.norm.sf(t)
+        frac = np.mean(np.abs(all_z) > t)
+        assert abs(frac - p) < 5 * np.sqrt(p * (1 - p) / big_n), (t, frac, p)
+    _assert_independent(z, _langevin_noise(generator, seed=4, num_steps=1)[0])
+
+
+def test_default_langevin_noise_is_standardised_irwin_hall():
+    # The default law: z = (S − 510) / √(4 (256² − 1) / 12) with S the sum of
+    # four i.i.d. uniform bytes. Its support is that lattice, its frequencies
+    # are the 4-fold convolution of the uniform pmf on {0..255} (χ² test),
+    # its first three moments are the normal's (0, 1, 0), E z⁴ is the
+    # Irwin–Hall 3 − (6/5)(256² + 1)/(4 (256² − 1)), and draws are independent.
+    from scipy import stats
+
+    z = _langevin_noise(None, seed=3, num_steps=3)
+    all_z = np.concatenate(z).astype(np.float64)
+    big_n = all_z.size
+    std = np.sqrt(4 * (256**2 - 1) / 12)
+    s = all_z * std + 510
+    levels = np.rint(s)
+    np.testing.assert_allclose(s, levels, atol=1e-3)  # on the lattice, float32 exact
+    assert levels.min() >= 0 and levels.max() <= 1020
+    pmf = np.ones(256) / 256
+    for _ in range(3):
+        pmf = np.convolve(pmf, np.ones(256) / 256)
+    counts = np.bincount(levels.astype(int), minlength=1021)
+    # Bins of ~equal probability (40) so that every expected count is large.
+    edges = np.searchsorted(np.cumsum(pmf), np.linspace(0, 1, 41)[1:-1])
+    observed = np.add.reduceat(counts, np.r_[0, edges])
+    expected = np.add.reduceat(pmf, np.r_[0, edges]) * big_n
+    assert stats.chisquare(observed, expected).pvalue > 1e-3
+    for k, exact in ((1, 0.0), (2, 1.0), (3, 0.0)):
+        se = np.sqrt(np.var(all_z**k) / big_n)
+        assert abs(np.mean(all_z**k) - exact) < 5 * se, k
+    kurtosis = 3 - 6 / 5 * (256**2 + 1) / (4 * (256**2 - 1))
+    assert abs(np.mean(all_z**4) - kurtosis) < 5 * np.sqrt(np.var(all_z**4) / big_n)
+    assert np.abs(all_z).max() <= 510 / std + 1e-5
+    _assert_independent(z, _langevin_noise(None, seed=4, num_steps=1)[0])
 
 
 def test_noise_generator_is_validated():

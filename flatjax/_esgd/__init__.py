@@ -10,7 +10,7 @@ One outer step, with γ_t the coupling at outer step t:
     x′ ← x ;  μ ← x
     for l = 0 .. L−1:                          # one fresh minibatch per step
         d  ← ∇L_l(x′) + γ_t (x′ − x)            # data gradient + elastic pull
-        x′ ← x′ + inner_optimizer(d) + ε √(2η′) ξ,   ξ ~ N(0, I)
+        x′ ← x′ + inner_optimizer(d) + ε √(2η′) ξ,   ξ: i.i.d., mean 0, cov I
         μ  ← α μ + (1 − α) x′                  # α weighs the OLD average
     x ← x + γ_t · outer_optimizer(x − μ)       # γ(x − μ) is the gradient of −F
 

@@ -5,7 +5,7 @@ step that moves the anchor x, with γ_t the coupling of outer step t:
 
 .. code-block:: text
 
-    x′ ← x′ + inner_optimizer(∇L(x′) + γ_t (x′ − x)) + ε √(2η′) ξ,   ξ ~ N(0, I)
+    x′ ← x′ + inner_optimizer(∇L(x′) + γ_t (x′ − x)) + ε √(2η′) ξ,   ξ: i.i.d., mean 0, cov I
     μ  ← α μ + (1 − α) x′
     x  ← x + γ_t · outer_optimizer(x − μ)       # γ(x − μ) is the gradient of −F
 
@@ -74,7 +74,7 @@ class EntropySGDCore:
       max_coupling: absolute bound on γ, or ``None``.
       clamp_fraction: fraction of the stability bound γ may reach.
       seed: seed of the state's PRNG key.
-      noise_generator: ``"hash"`` or ``"threefry"``.
+      noise_generator: ``"irwin_hall"``, ``"hash"`` or ``"threefry"``.
     """
 
     outer_optimizer: optax.GradientTransformationExtraArgs

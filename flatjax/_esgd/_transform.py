@@ -54,7 +54,7 @@ def entropy_sgd(
     max_coupling: float | None = None,
     clamp_fraction: float = 0.5,
     seed: int = 0,
-    noise_generator: str = "hash",
+    noise_generator: str = "irwin_hall",
     unroll: int | bool | str = "auto",
     has_aux: bool = False,
     aux_init: Any = None,
@@ -71,7 +71,7 @@ def entropy_sgd(
         x′ ← x ;  μ ← x
         for l = 0 .. L−1:
             d  ← ∇L_l(x′) + γ_t (x′ − x) + λ′ x′           # into the inner momentum
-            x′ ← x′ − η′ nesterov_β′(d) + ε √(2η′) ξ,  ξ ~ N(0, I)
+            x′ ← x′ − η′ nesterov_β′(d) + ε √(2η′) ξ,  ξ: i.i.d., mean 0, cov I
             μ  ← α μ + (1 − α) x′
         x ← x − η γ_t · nesterov_β((x − μ) + λ x)        # outer_scale="coupling"
 
@@ -186,13 +186,18 @@ def entropy_sgd(
       max_coupling: optional absolute bound on γ_t.
       clamp_fraction: in (0, 1], fraction of the stability bound γ may reach.
       seed: seed of the PRNG key kept in the state.
-      noise_generator: ``"hash"`` (default) draws the Langevin noise with a
-        keyed counter hash (MurmurHash3's finaliser, two rounds, keyed by two
-        threefry words per step); ``"threefry"`` with ``jax.random.normal``.
-        Both give i.i.d. N(0, 1) to sampling accuracy. Measured on a 2-core
-        CPU, the hash draws the 266,610 normals of an MLP 784-300-100 in
-        0.9 ms against threefry's 2.5 ms (about the cost of that MLP's
-        gradient at batch 128), and compiles to a smaller program.
+      noise_generator: the law of ξ. ``"irwin_hall"`` (default): the
+        standardised sum of the four bytes of a keyed counter hash
+        (MurmurHash3's finaliser, two rounds, keyed by two threefry words per
+        step): i.i.d., mean 0, variance 1, zero skew, but bounded (|ξ| ≤
+        3.45) and not Gaussian; matching the normal's first three moments
+        keeps the Langevin step's weak order (Kloeden & Platen 1992, §14.1),
+        so the walker's averages are those of Gaussian noise to first order
+        in η′. ``"hash"``: the same hash through √2 erf⁻¹, i.i.d. N(0, 1);
+        ``"threefry"``: ``jax.random.normal``. Measured on a 2-core CPU,
+        five draws of the 266,610 entries of an MLP 784-300-100 (fused into
+        an update) cost 0.55 ms (``"irwin_hall"``) against 2.6 ms
+        (``"hash"``) over a noiseless update.
       has_aux: whether ``grad_fn`` takes and returns an auxiliary value (above).
       aux_init: the initial ``state.aux`` with ``has_aux=True``: a pytree, or
         a function ``params -> pytree`` (``None``: ``state.aux`` is ``None``
