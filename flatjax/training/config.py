@@ -91,6 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.esgd.inner_learning_rate = 0.1
     c.esgd.inner_momentum = 0.9
     c.esgd.noise = 1e-4
+    # Law of the Langevin noise (flatjax.entropy_sgd's noise_generator):
+    # "irwin_hall" (the normal's first three moments, cheap), "hash" or
+    # "threefry" (Gaussian).
+    c.esgd.noise_generator = "irwin_hall"
     c.esgd.average = 0.75
     c.esgd.inner_weight_decay = ml_collections.FieldReference(None, field_type=float)
     c.esgd.coupling = ml_collections.FieldReference(None, field_type=float)

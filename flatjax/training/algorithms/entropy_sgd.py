@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 import flatjax
+from flatjax._esgd._noise import NOISE_GENERATORS
 from flatjax._esgd._state import _find_state
 from flatjax._stability import stable_coupling_step
 from flatjax.training import _checks
@@ -118,6 +119,7 @@ class EntropySGD(Algorithm):
         _checks.positive(config, "esgd.coupling_max", allow_none=True)
         _check_coupling_max(config.esgd)
         _checks.choice(config, "esgd.mode", ("scan", "stepwise"))
+        _checks.choice(config, "esgd.noise_generator", NOISE_GENERATORS)
         _checks.choice(config, "esgd.batch_norm", ("walker", "anchor"))
         _check_inner_step(config)
 
@@ -150,6 +152,7 @@ class EntropySGD(Algorithm):
             coupling,
             inner_learning_rate=e.inner_learning_rate,
             noise=e.noise,
+            noise_generator=e.noise_generator,
             average_weight=e.average,
             inner_weight_decay=inner_wd,
             inner_momentum=e.inner_momentum,
