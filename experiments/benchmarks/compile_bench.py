@@ -42,14 +42,25 @@ from experiments.benchmarks.rsgd_bench import (
 
 
 def compile_time(jitted, args) -> dict:
-    """Seconds to trace+lower and to compile ``jitted`` at ``args``, and the HLO size."""
-    t0 = time.perf_counter()
+    """Seconds to trace+lower and to compile ``jitted`` at ``args``, and the HLO size.
+
+    ``cpu_s`` is the process CPU time (all threads) of both phases together.
+    """
+    c0, t0 = time.process_time(), time.perf_counter()
     lowered = jitted.lower(*args)
     t1 = time.perf_counter()
     lowered.compile()
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     return dict(lower_s=round(t1 - t0, 3), compile_s=round(t2 - t1, 3),
-                total_s=round(t2 - t0, 3), hlo_chars=len(lowered.as_text()))
+                total_s=round(t2 - t0, 3), cpu_s=round(c2 - c0, 3),
+                hlo_chars=len(lowered.as_text()))
+
+
+def sgd_program(problem):
+    """The jitted plain SGD step (a fresh ``jax.jit``) and the arguments of its first call."""
+    step, opt = sgd_step(problem)
+    batch = jax.tree.map(lambda x: x[0], problem.batches(1))
+    return step, (problem.params, problem.batch_stats, opt.init(problem.params), batch)
 
 
 def bench_model(name: str, batch_size: int, inner_steps=(1, 5, 20), replicas=(1, 3, 8),
@@ -61,10 +72,7 @@ def bench_model(name: str, batch_size: int, inner_steps=(1, 5, 20), replicas=(1,
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    step, opt = sgd_step(problem)
-    batch = jax.tree.map(lambda x: x[0], problem.batches(1))
-    args = (problem.params, problem.batch_stats, opt.init(problem.params), batch)
-    emit(dict(benchmark="compile/sgd", model=name, **compile_time(step, args)))
+    emit(dict(benchmark="compile/sgd", model=name, **compile_time(*sgd_program(problem))))
 
     for mode, runner in [("scan", esgd_bench.scan_runner)]:
         first = None

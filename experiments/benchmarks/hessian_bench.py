@@ -48,6 +48,8 @@ from jax.flatten_util import ravel_pytree
 
 import flatjax
 
+CASES = ("hvp", "top_eig", "trace", "local_energy")
+
 
 class CNN(nn.Module):
     batch_norm: bool = False
@@ -81,7 +83,21 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def run_model(name: str, args) -> dict:
+def _timed_cpu(fn) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds (all threads) of ``fn()``, blocked."""
+    t, c = time.perf_counter(), time.process_time()
+    _block(fn())
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def run_model(name: str, args, cases: tuple[str, ...] = CASES) -> dict:
+    """Rows for one model (``cnn`` or ``cnn_bn``): each of ``cases`` ÷ its plain baseline.
+
+    ``args`` carries ``seed``, ``batch_size``, ``iters``, ``probes``,
+    ``draws`` and ``reps`` (the command-line options). Every row has the wall
+    ratio (median of per-rep ratios, [min, max]) and ``cpu_ratio``, the
+    median per-rep ratio of process CPU seconds.
+    """
     x, y = _digits()
     model = CNN(batch_norm=name == "cnn_bn")
     variables = model.init(jax.random.PRNGKey(args.seed), x[:1])
@@ -153,22 +169,25 @@ def run_model(name: str, args) -> dict:
                                     num_draws=args.draws, batch_size=args.batch_size)  # fmt: skip
 
     cases = {
-        "hvp": (fj_hvp, base_hvp, 1.2),
-        "top_eig": (fj_top_eig, base_power, 1.3),
-        "trace": (fj_trace, base_trace, 1.3),
-        "local_energy": (fj_local_energy, base_passes, 1.2),
-    }
+        case: spec for case, spec in {
+            "hvp": (fj_hvp, base_hvp, 1.2),
+            "top_eig": (fj_top_eig, base_power, 1.3),
+            "trace": (fj_trace, base_trace, 1.3),
+            "local_energy": (fj_local_energy, base_passes, 1.2),
+        }.items() if case in cases
+    }  # fmt: skip
     # Compile and warm up: the HVP programs are shared by hvp, top_eig and trace,
     # so short runs of the loops suffice (compilation included in these times).
-    first = {
-        "hvp": {"flatjax_s": _timed(fj_hvp), "baseline_s": _timed(base_hvp)},
-        "local_energy": {"flatjax_s": _timed(fj_local_energy), "baseline_s": _timed(base_passes)},
-    }
+    first = {"hvp": {"flatjax_s": _timed(fj_hvp), "baseline_s": _timed(base_hvp)}}
+    if "local_energy" in cases:
+        first["local_energy"] = {"flatjax_s": _timed(fj_local_energy),
+                                 "baseline_s": _timed(base_passes)}  # fmt: skip
     first = {c: {k: round(t, 3) for k, t in d.items()} for c, d in first.items()}
     _timed(lambda: flatjax.hessian_top_eigenvalue(loss, params, key=key, num_iters=2))
     _timed(lambda: flatjax.hessian_trace(loss, params, key=key, num_samples=2))
     _timed(lambda: base_power(2))
     times = {case: {"flatjax": [], "baseline": []} for case in cases}
+    cpu = {case: {"flatjax": [], "baseline": []} for case in cases}
     names = list(cases)
     for rep in range(args.reps):
         order = names[rep % len(names) :] + names[: rep % len(names)]
@@ -176,17 +195,24 @@ def run_model(name: str, args) -> dict:
             cand, base, _ = cases[case]
             pair = [("flatjax", cand), ("baseline", base)]
             for label, fn in pair if rep % 2 == 0 else pair[::-1]:
-                times[case][label].append(_timed(fn))
+                wall, cpu_s = _timed_cpu(fn)
+                times[case][label].append(wall)
+                cpu[case][label].append(cpu_s)
     rows = []
     for case, (_, _, target) in cases.items():
         cand, base = times[case]["flatjax"], times[case]["baseline"]
+        cand_cpu, base_cpu = cpu[case]["flatjax"], cpu[case]["baseline"]
         if case == "top_eig":  # a baseline of as many HVPs as the iterations run
-            base = [b * it / args.iters for b, it in zip(base, iters_run, strict=True)]
+            scale = [it / args.iters for it in iters_run]
+            base = [b * f for b, f in zip(base, scale, strict=True)]
+            base_cpu = [b * f for b, f in zip(base_cpu, scale, strict=True)]
         ratios = [c / b for c, b in zip(cand, base, strict=True)]
         ratio = statistics.median(ratios)
         rows.append(dict(
             benchmark=f"hessian/{case}", model=f"{name} {num_params} params", case=case,
             ratio=round(ratio, 3), spread=[round(min(ratios), 3), round(max(ratios), 3)],
+            cpu_ratio=round(statistics.median(
+                [c / b for c, b in zip(cand_cpu, base_cpu, strict=True)]), 3),
             target=target, direction="<=", met=ratio <= target,
             flatjax_median_s=round(statistics.median(cand), 4),
             baseline_median_s=round(statistics.median(base), 4),

@@ -165,18 +165,22 @@ def timed_first_call(run: Callable) -> float:
 
 
 def interleaved(cases: dict[str, Callable], reps: int,
-                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+                cpu: dict[str, list[float]] | None = None,
+                before: Callable[[], Any] | None = None) -> dict[str, list[float]]:
     """Wall-clock seconds of ``reps`` calls of every case, interleaved.
 
     Repetition r runs every case once; the order is reversed on odd r so that
     slow drifts of the (shared, noisy) machine hit all cases alike. When
     ``cpu`` is a dict it receives the process CPU seconds (all threads) of
     every call: on an oversubscribed machine the steadier measure of work.
+    ``before`` (e.g. ``jax.clear_caches``) runs, untimed, before every call.
     """
     names = list(cases)
     times = {n: [] for n in names}
     for r in range(reps):
         for n in names if r % 2 == 0 else names[::-1]:
+            if before is not None:
+                before()
             t, c = time.perf_counter(), time.process_time()
             cases[n]()
             times[n].append(time.perf_counter() - t)

@@ -1,12 +1,20 @@
 """Benchmark driver: the cost of flatness, measured side by side.
 
-Runs each benchmark of this folder (in subprocesses, so that XLA flags and
-device counts stay per benchmark), writes one JSON per benchmark to
-``--out`` (default ``experiments/benchmarks/results``), merges them into
-``summary.json`` and prints a markdown table: benchmark, model, ratio,
-target, met?, spread, machine.
+By default (``make bench``) it measures the target table of ``targets.py``
+in one process, about 10 minutes on 2 CPU cores: every flatjax cost that has
+a target against an independent baseline, interleaved repetitions, median
+of per-rep ratios with their [min, max] and the CPU-time ratio. It writes
+``--out/targets.json`` (rows, git commit and dirty flag, UTC time, machine,
+load average before and after, package versions) and rewrites the table
+between ``<!-- targets:start -->`` and ``<!-- targets:end -->`` in the
+benchmarks README (``--readme``; not in ``--quick`` runs unless asked).
 
-Sections (``--only`` picks some; by default all that this host can run):
+The older studies are sections (``--only`` picks some, with or without
+``targets``; ``--full`` runs all of them, and adds ResNet-18 (batch 32) to
+the target table). Each runs in a subprocess, so that XLA flags and device
+counts stay per benchmark, writes one JSON per benchmark to ``--out``; they
+are merged into ``summary.json`` with a markdown table: benchmark, model,
+ratio, target, met?, spread, machine.
 
 - ``rsgd``: Replicated-SGD y = 3 step ÷ 3 SGD steps per ``replica_map``
   strategy, plus the sharded case (emulated devices on CPU) and the coupling
@@ -29,8 +37,10 @@ leaves it out) is still merged, marked with the time it was written.
 
 Usage::
 
-    nice -n 5 .venv/bin/python -m experiments.benchmarks.run            # everything
-    .venv/bin/python -m experiments.benchmarks.run --quick --out /tmp/b  # smoke run
+    .venv/bin/python -m experiments.benchmarks.run                 # the target table
+    .venv/bin/python -m experiments.benchmarks.run --quick         # smoke run, < 2 min
+    .venv/bin/python -m experiments.benchmarks.run --full          # everything, hours
+    .venv/bin/python -m experiments.benchmarks.run --only rsgd esgd --out /tmp/b
 """
 
 from __future__ import annotations
@@ -42,9 +52,15 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from importlib import metadata
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+README = os.path.join(HERE, "README.md")
+TARGETS_JSON = "targets.json"
+START, END = "<!-- targets:start -->", "<!-- targets:end -->"
 SECTIONS = ("rsgd", "esgd", "compile", "local_energy", "hessian", "pipeline", "devices", "cpu")
 PIPELINE_TARGET = 5.0
 
@@ -226,6 +242,116 @@ def torch_step(python: str, batch: str, reps: int) -> dict:
     return row
 
 
+# --------------------------------------------------------------------------- target table
+
+
+def git_state(root: str = os.path.dirname(os.path.dirname(HERE))) -> dict:
+    """The commit measured and whether the working tree differed from it (``git status``)."""
+
+    def git(*cmd):
+        out = subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain")
+    paths = status.splitlines() if status else []
+    return dict(commit=git("rev-parse", "HEAD"), subject=git("log", "-1", "--format=%s"),
+                dirty=bool(paths) if status is not None else None,
+                dirty_paths=paths[:100])  # fmt: skip
+
+
+def host() -> dict:
+    """CPU model, nproc, backend and the versions of the packages measured."""
+    from experiments.benchmarks.rsgd_bench import machine
+
+    m = machine()
+    versions = {}
+    for package in ("jax", "jaxlib", "flax", "optax"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return dict(cpu=m["cpu"], nproc=os.cpu_count(), backend=m["backend"], device=m["device"],
+                python=m["python"], xla_flags=m["xla_flags"], **versions)
+
+
+def _load_average() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def run_targets(args) -> dict:
+    """Measures the target table; returns the report written to ``targets.json``."""
+    from experiments.benchmarks import targets
+
+    plan = targets.plan(quick=args.quick, full=args.full)
+    started = datetime.datetime.now(datetime.UTC)
+    load_before, start = _load_average(), time.perf_counter()
+    rows, info = targets.measure(plan)
+    return dict(
+        benchmark="targets",
+        command=args.command,
+        written=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        started=started.isoformat(timespec="seconds"),
+        wall_s=round(time.perf_counter() - start, 1),
+        git=git_state(),
+        machine=dict(host(), load_avg_before=load_before, load_avg_after=_load_average()),
+        plan=plan._asdict(),
+        quick=args.quick,
+        rows=rows,
+        **info,
+    )  # fmt: skip
+
+
+def _fmt(x, digits=2):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _seconds(x):
+    return "–" if x is None else (f"{x:.3g}" if x < 10 else f"{x:.0f}")
+
+
+def targets_markdown(report: dict) -> str:
+    """The target table with a line saying what was measured where, and when."""
+    m, g = report["machine"], report["git"]
+    commit = (g.get("commit") or "unknown")[:10]
+    dirty = {True: "working tree dirty", False: "clean", None: "status unknown"}[g.get("dirty")]
+    when = report["started"].replace("T", " ").replace("+00:00", " UTC")
+    load = lambda la: "–" if la is None else ", ".join(f"{x:g}" for x in la)  # noqa: E731
+    lines = [
+        f"Commit `{commit}` ({dirty}), {when}, `{report['command']}` in "
+        f"{report['wall_s']:.0f} s wall. Machine: {m['cpu']}, nproc {m['nproc']}, "
+        f"{m['backend']}; load average (1, 5, 15 min) {load(m['load_avg_before'])} before, "
+        f"{load(m['load_avg_after'])} after; jax {m['jax']}, jaxlib {m['jaxlib']}, "
+        f"flax {m['flax']}, optax {m['optax']}.",
+        "",
+        "| row | model | candidate | independent baseline | ratio, wall: median [min, max] "
+        "| ratio, CPU | target | met? | s per rep (cand. / base.) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        spread = f"[{_fmt(r['spread'][0])}, {_fmt(r['spread'][1])}]"
+        lines.append(
+            f"| {r['row']} | {r['model']} | {r['candidate']} | {r['baseline']} | "
+            f"**{_fmt(r['ratio'])}** {spread} ({r['reps']} reps) | {_fmt(r['cpu_ratio'])} | "
+            f"≤ {r['target']:g} | {'yes' if r['met'] else '**no**'} | "
+            f"{_seconds(r['candidate_median_s'])} / {_seconds(r['baseline_median_s'])} |"
+        )
+    for name, error in report["errors"].items():
+        lines.append(f"| {name} | – | failed: {error} | | | | | | |")
+    return "\n".join(lines)
+
+
+def rewrite_readme(path: str, table: str) -> None:
+    """Replaces the text between the README's target markers with ``table``."""
+    with open(path) as f:
+        text = f.read()
+    if START not in text or END not in text or text.index(START) > text.index(END):
+        raise ValueError(f"{path} has no {START} ... {END} block to rewrite")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{START}\n{table}\n{END}{tail}")
+
+
 # --------------------------------------------------------------------------- summary
 
 
@@ -367,11 +493,18 @@ def markdown(summary: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: tiny MLP, 2 reps, few seconds of work per section")
-    parser.add_argument("--out", default=RESULTS)
+                        help="smoke run: tiny models, 2 reps, under 2 minutes")
+    parser.add_argument("--full", action="store_true",
+                        help="every section (hours); the target table also times ResNet-18")
+    parser.add_argument("--out", default=None,
+                        help=f"JSON folder (default {RESULTS}; with --quick a temp folder)")
+    parser.add_argument("--readme", default=None,
+                        help="README whose target block is rewritten (default: this folder's, "
+                             "not with --quick)")
+    parser.add_argument("--no-readme", action="store_true", help="leave the README alone")
     parser.add_argument("--merge-only", action="store_true",
                         help="run nothing; merge the JSON files of --out into summary.json")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None)
+    parser.add_argument("--only", nargs="+", choices=("targets", *SECTIONS), default=None)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--resnet-batch-size", type=int, default=None,
                         help="ResNet-18 batch (default: --batch-size on GPU, 32 on CPU)")
@@ -386,6 +519,8 @@ def main(argv=None):
                         choices=[v[0] for v in CPU_VARIANTS])
     parser.add_argument("--torch-python", default="/tmp/torchvenv/bin/python")
     args = parser.parse_args(argv)
+    args.command = " ".join(["python -m experiments.benchmarks.run",
+                             *(sys.argv[1:] if argv is None else argv)])
 
     import jax  # after argument parsing: --help stays fast
 
@@ -393,26 +528,44 @@ def main(argv=None):
 
     args.backend = jax.default_backend()
     cpu = args.backend == "cpu"
+    if args.out is None:
+        args.out = (os.path.join(tempfile.gettempdir(), "flatjax_bench_quick") if args.quick
+                    else RESULTS)  # fmt: skip
     if args.resnet_batch_size is None:
         args.resnet_batch_size = 32 if cpu else args.batch_size
     if args.resnet_reps is None:
         args.resnet_reps = 2 if cpu else args.reps
     if args.only is None:
-        args.only = list(SECTIONS) if not args.quick else ["rsgd", "esgd"]
+        args.only = ["targets", *SECTIONS] if args.full else ["targets"]
         if not cpu:
             args.only = [s for s in args.only if s not in ("pipeline",)]
-    os.makedirs(args.out, exist_ok=True)
-    start = time.perf_counter()
     if args.merge_only:
         args.only = []
-    errors = run_sections(args)
-    summary = summarise(args.out, errors, machine(), args.only)
-    summary["command"] = " ".join(["python -m experiments.benchmarks.run", *(argv or sys.argv[1:])])
-    summary["wall_s"] = round(time.perf_counter() - start, 1)
-    _write(os.path.join(args.out, "summary.json"), summary)
-    table = markdown(summary)
-    print(table)
-    return summary
+    os.makedirs(args.out, exist_ok=True)
+    result = {}
+    if "targets" in args.only:
+        report = run_targets(args)
+        _write(os.path.join(args.out, TARGETS_JSON), report)
+        table = targets_markdown(report)
+        print(table)
+        readme = args.readme or (None if args.quick else README)
+        if readme and not args.no_readme:
+            rewrite_readme(readme, table)
+            print(f"rewrote the target table in {readme}")
+        print(f"wrote {os.path.join(args.out, TARGETS_JSON)} ({report['wall_s']} s)")
+        result["targets"] = report
+    legacy = [s for s in args.only if s != "targets"]
+    if legacy or args.merge_only:
+        args.only = legacy
+        start = time.perf_counter()
+        errors = run_sections(args)
+        summary = summarise(args.out, errors, machine(), args.only)
+        summary["command"] = args.command
+        summary["wall_s"] = round(time.perf_counter() - start, 1)
+        _write(os.path.join(args.out, "summary.json"), summary)
+        print(markdown(summary))
+        result.update(summary)
+    return result
 
 
 if __name__ == "__main__":
