@@ -419,3 +419,58 @@ def test_conv_models_reject_non_image_inputs(name):
     model = get_model(name, num_classes=3)
     with pytest.raises(ValueError, match="NHWC"):
         jax.eval_shape(model.init, KEY, jnp.zeros((2, 64)))
+
+
+# --- block max pooling --------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 9, 2), (3, 28, 28, 6), (2, 10, 10, 16)])
+def test_block_max_pool_is_nn_max_pool_with_a_reduction_gradient(shape):
+    # Values: those of flax's max_pool (2×2 windows, stride 2, 'VALID': odd
+    # trailing rows/columns dropped). Gradient on tie-free inputs: the
+    # incoming gradient lands on each block's argmax, as select_and_scatter
+    # puts it, so the two gradients agree exactly.
+    from flatjax.models._layers import block_max_pool
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    ref = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(block_max_pool(x), ref(x))
+    w = jax.random.normal(jax.random.key(1), ref(x).shape)
+    g_new = jax.grad(lambda v: jnp.sum(w * block_max_pool(v)))(x)
+    g_ref = jax.grad(lambda v: jnp.sum(w * ref(v)))(x)
+    np.testing.assert_array_equal(g_new, g_ref)
+
+
+def test_block_max_pool_splits_an_exact_tie():
+    # A reduction's gradient shares a tie equally among the tied entries.
+    from flatjax.models._layers import block_max_pool
+
+    x = jnp.array([3.0, 3.0, 1.0, 0.0]).reshape(1, 2, 2, 1)
+    g = jax.grad(lambda v: block_max_pool(v).sum())(x)
+    np.testing.assert_allclose(g.ravel(), [0.5, 0.5, 0.0, 0.0])
+
+
+def test_lenet5_gradient_matches_the_flax_max_pool_network():
+    # The whole network: the same logits and parameter gradients as LeNet-5
+    # written with nn.max_pool (ReLU'd ties carry no gradient either way).
+    class FlaxPoolLeNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.relu(nn.Conv(6, (5, 5), padding="SAME")(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = nn.relu(nn.Conv(16, (5, 5), padding="VALID")(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = x.reshape(x.shape[0], -1)
+            x = nn.relu(nn.Dense(120)(x))
+            x = nn.relu(nn.Dense(84)(x))
+            return nn.Dense(10)(x)
+
+    model, ref = get_model("lenet5", 10), FlaxPoolLeNet()
+    x = jax.random.normal(jax.random.key(2), (4, 28, 28, 1))
+    variables = model.init(jax.random.key(3), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(ref.init(jax.random.key(3), x))
+    loss = lambda m: lambda v: jnp.sum(jnp.sin(m.apply(v, x)))
+    np.testing.assert_allclose(model.apply(variables, x), ref.apply(variables, x), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(model))(variables)),
+                    jax.tree.leaves(jax.grad(loss(ref))(variables)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -7,6 +7,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flatjax.models._layers import block_max_pool
+
 # ⌊(⌊H/2⌋ − 4) / 2⌋ ≥ 1, the spatial size left before the dense layers, needs H ≥ 12.
 MIN_IMAGE_SIZE = 12
 
@@ -22,7 +24,9 @@ class LeNet5(nn.Module):
     Neural Networks (LeNet)", which pads the first convolution by 2 in the
     same way). A 32×32 input gives a 6×6×16 map instead; images smaller than
     12×12 (``MIN_IMAGE_SIZE``) leave no pixels and raise ``ValueError``.
-    ``train`` is accepted for the shared call convention and ignored.
+    ``train`` is accepted for the shared call convention and ignored. The
+    pooling is a reshape and a ``max`` over 2×2 blocks (the values of
+    ``nn.max_pool`` with 2×2 windows and stride 2, a cheaper gradient on CPU).
 
     Attributes:
       num_classes: number of output logits.
@@ -58,9 +62,9 @@ class LeNet5(nn.Module):
             )
         x = jnp.asarray(x, self.dtype)
         x = nn.relu(nn.Conv(6, (5, 5), padding="SAME", dtype=self.dtype)(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = block_max_pool(x, 2)
         x = nn.relu(nn.Conv(16, (5, 5), padding="VALID", dtype=self.dtype)(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = block_max_pool(x, 2)
         x = jnp.reshape(x, (x.shape[0], -1))
         x = nn.relu(nn.Dense(120, dtype=self.dtype)(x))
         x = nn.relu(nn.Dense(84, dtype=self.dtype)(x))
