@@ -28,7 +28,7 @@ docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html -d build/docs/.doctrees docs/api build/docs
 	@echo "API reference: build/docs/index.html"
 
-# The target table of experiments/benchmarks/README.md (about 10 min on 2 CPU
+# The target table of experiments/benchmarks/README.md (about 12 min on 2 CPU
 # cores): writes experiments/benchmarks/results/targets.json and rewrites the
 # table; `$(PY) -m experiments.benchmarks.run --full` runs every older study too.
 bench: $(STAMP)

@@ -1,7 +1,7 @@
 """Benchmark driver: the cost of flatness, measured side by side.
 
 By default (``make bench``) it measures the target table of ``targets.py``
-in one process, about 10 minutes on 2 CPU cores: every flatjax cost that has
+in one process, about 12 minutes on 2 CPU cores: every flatjax cost that has
 a target against an independent baseline, interleaved repetitions, median
 of per-rep ratios with their [min, max] and the CPU-time ratio. It writes
 ``--out/targets.json`` (rows, git commit and dirty flag, UTC time, machine,
@@ -10,11 +10,10 @@ between ``<!-- targets:start -->`` and ``<!-- targets:end -->`` in the
 benchmarks README (``--readme``; not in ``--quick`` runs unless asked).
 
 The older studies are sections (``--only`` picks some, with or without
-``targets``; ``--full`` runs all of them, and adds ResNet-18 (batch 32) to
-the target table). Each runs in a subprocess, so that XLA flags and device
-counts stay per benchmark, writes one JSON per benchmark to ``--out``; they
-are merged into ``summary.json`` with a markdown table: benchmark, model,
-ratio, target, met?, spread, machine.
+``targets``; ``--full`` runs all of them). Each runs in a subprocess, so
+that XLA flags and device counts stay per benchmark, and writes one JSON per
+benchmark to ``--out``; they are merged into ``summary.json`` with a
+markdown table: benchmark, model, ratio, target, met?, spread, machine.
 
 - ``rsgd``: Replicated-SGD y = 3 step ÷ 3 SGD steps per ``replica_map``
   strategy, plus the sharded case (emulated devices on CPU) and the coupling
@@ -282,17 +281,23 @@ def run_targets(args) -> dict:
     """Measures the target table; returns the report written to ``targets.json``."""
     from experiments.benchmarks import targets
 
-    plan = targets.plan(quick=args.quick, full=args.full)
-    started = datetime.datetime.now(datetime.UTC)
+    plan = targets.plan(quick=args.quick)
+    # The code measured is the tree at the start (imported then); other work
+    # may commit or edit while this runs, which the state at the end shows.
+    git, started = git_state(), datetime.datetime.now(datetime.UTC)
     load_before, start = _load_average(), time.perf_counter()
     rows, info = targets.measure(plan)
+    git_after = git_state()
+    git["changed_during_run"] = git_after != git
+    if git["changed_during_run"]:
+        git["after"] = git_after
     return dict(
         benchmark="targets",
         command=args.command,
         written=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         started=started.isoformat(timespec="seconds"),
         wall_s=round(time.perf_counter() - start, 1),
-        git=git_state(),
+        git=git,
         machine=dict(host(), load_avg_before=load_before, load_avg_after=_load_average()),
         plan=plan._asdict(),
         quick=args.quick,
@@ -309,19 +314,26 @@ def _seconds(x):
     return "–" if x is None else (f"{x:.3g}" if x < 10 else f"{x:.0f}")
 
 
+def _loads(averages):
+    return "–" if averages is None else ", ".join(f"{x:g}" for x in averages)
+
+
 def targets_markdown(report: dict) -> str:
     """The target table with a line saying what was measured where, and when."""
     m, g = report["machine"], report["git"]
     commit = (g.get("commit") or "unknown")[:10]
     dirty = {True: "working tree dirty", False: "clean", None: "status unknown"}[g.get("dirty")]
+    if g.get("changed_during_run"):
+        head = g["after"].get("commit")
+        dirty += (f"; during the run HEAD became `{(head or '?')[:10]}`"
+                  if head != g.get("commit") else "; the tree changed during the run")
     when = report["started"].replace("T", " ").replace("+00:00", " UTC")
-    load = lambda la: "–" if la is None else ", ".join(f"{x:g}" for x in la)  # noqa: E731
     lines = [
         f"Commit `{commit}` ({dirty}), {when}, `{report['command']}` in "
         f"{report['wall_s']:.0f} s wall. Machine: {m['cpu']}, nproc {m['nproc']}, "
-        f"{m['backend']}; load average (1, 5, 15 min) {load(m['load_avg_before'])} before, "
-        f"{load(m['load_avg_after'])} after; jax {m['jax']}, jaxlib {m['jaxlib']}, "
-        f"flax {m['flax']}, optax {m['optax']}.",
+        f"backend {m['backend']}; load average (1, 5, 15 min) "
+        f"{_loads(m['load_avg_before'])} before, {_loads(m['load_avg_after'])} after; "
+        f"jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}, optax {m['optax']}.",
         "",
         "| row | model | candidate | independent baseline | ratio, wall: median [min, max] "
         "| ratio, CPU | target | met? | s per rep (cand. / base.) |",
@@ -331,8 +343,8 @@ def targets_markdown(report: dict) -> str:
         spread = f"[{_fmt(r['spread'][0])}, {_fmt(r['spread'][1])}]"
         lines.append(
             f"| {r['row']} | {r['model']} | {r['candidate']} | {r['baseline']} | "
-            f"**{_fmt(r['ratio'])}** {spread} ({r['reps']} reps) | {_fmt(r['cpu_ratio'])} | "
-            f"≤ {r['target']:g} | {'yes' if r['met'] else '**no**'} | "
+            f"**{_fmt(r['ratio'], 3)}** {spread} ({r['reps']} reps) | {_fmt(r['cpu_ratio'])} | "
+            f"≤ {r['target']:.2f} | {'yes' if r['met'] else '**no**'} | "
             f"{_seconds(r['candidate_median_s'])} / {_seconds(r['baseline_median_s'])} |"
         )
     for name, error in report["errors"].items():
@@ -495,13 +507,16 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: tiny models, 2 reps, under 2 minutes")
     parser.add_argument("--full", action="store_true",
-                        help="every section (hours); the target table also times ResNet-18")
+                        help="the target table and every older study (hours)")
     parser.add_argument("--out", default=None,
                         help=f"JSON folder (default {RESULTS}; with --quick a temp folder)")
     parser.add_argument("--readme", default=None,
                         help="README whose target block is rewritten (default: this folder's, "
                              "not with --quick)")
     parser.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    parser.add_argument("--table-only", action="store_true",
+                        help="measure nothing: print the table of --out/targets.json and "
+                             "rewrite the README's with it")
     parser.add_argument("--merge-only", action="store_true",
                         help="run nothing; merge the JSON files of --out into summary.json")
     parser.add_argument("--only", nargs="+", choices=("targets", *SECTIONS), default=None)
@@ -543,16 +558,22 @@ def main(argv=None):
         args.only = []
     os.makedirs(args.out, exist_ok=True)
     result = {}
+    if args.table_only:
+        args.only = ["targets"]
     if "targets" in args.only:
-        report = run_targets(args)
-        _write(os.path.join(args.out, TARGETS_JSON), report)
+        if args.table_only:
+            report = _load(os.path.join(args.out, TARGETS_JSON))
+        else:
+            report = run_targets(args)
+            _write(os.path.join(args.out, TARGETS_JSON), report)
         table = targets_markdown(report)
         print(table)
         readme = args.readme or (None if args.quick else README)
         if readme and not args.no_readme:
             rewrite_readme(readme, table)
             print(f"rewrote the target table in {readme}")
-        print(f"wrote {os.path.join(args.out, TARGETS_JSON)} ({report['wall_s']} s)")
+        if not args.table_only:
+            print(f"wrote {os.path.join(args.out, TARGETS_JSON)} ({report['wall_s']} s)")
         result["targets"] = report
     legacy = [s for s in args.only if s != "targets"]
     if legacy or args.merge_only:

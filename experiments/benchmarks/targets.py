@@ -30,7 +30,8 @@ Rows (the functions below build them from the other benchmark modules):
   Langevin noise on) and 5 calls of ``entropy_sgd_stepwise`` ÷ 5 jitted SGD
   steps (:func:`esgd_rows`, ``esgd_bench``);
 - ``rsgd``: one step of y = 3 coupled replicas (``replicate``, the default
-  ``replica_map`` strategy) ÷ 3 SGD steps (:func:`rsgd_rows`, ``rsgd_bench``).
+  ``replica_map`` strategy) ÷ 3 SGD steps, MLP and LeNet-5 at batch 128,
+  ResNet-18 at batch 32 (:func:`rsgd_rows`, ``rsgd_bench``).
 
 Example:
   >>> from experiments.benchmarks import targets
@@ -97,12 +98,12 @@ class Plan(NamedTuple):
     batch_size: int = 128
     esgd_inner_steps: int = 5
     step_reps: int = 7
-    resnet: bool = False
+    resnet: bool = True
     resnet_batch_size: int = 32
     resnet_reps: int = 3
 
 
-def plan(*, quick: bool = False, full: bool = False) -> Plan:
+def plan(*, quick: bool = False) -> Plan:
     """The default plan; ``quick``: tiny models and few repetitions (a smoke run)."""
     if quick:
         return Plan(hessian_iters=3, hessian_reps=2, dataset="digits", model="mlp_tiny",
@@ -110,7 +111,7 @@ def plan(*, quick: bool = False, full: bool = False) -> Plan:
                     compile_model="mlp_tiny", inner_steps=(1, 2), compile_reps=2,
                     esgd_models=("mlp_tiny",), rsgd_models=("mlp_tiny",), batch_size=8,
                     esgd_inner_steps=2, step_reps=2, resnet=False)
-    return Plan(resnet=full)
+    return Plan()
 
 
 # --------------------------------------------------------------------------- rows
