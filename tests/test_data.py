@@ -59,6 +59,25 @@ def test_offline_dataset_shapes_counts_dtypes(name, data_dir):
     assert builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
 
 
+@pytest.mark.parametrize(
+    "split, fraction", [("test", 0.0), ("train", 0.2), ("validation", 0.2), ("train[10%:30%]", 0.0)]
+)
+def test_load_arrays_is_the_ordered_eval_pass(split, fraction, data_dir):
+    # The bulk read (one batched read, preprocessing on the stack) gives the
+    # arrays of the element-wise grain pass, in the same order.
+    x, y = fd.load_arrays("digits", split, data_dir=data_dir, validation_fraction=fraction)
+    batches = list(fd.eval_batches("digits", split, batch_size=128, data_dir=data_dir,
+                                   validation_fraction=fraction))
+    np.testing.assert_array_equal(x, np.concatenate([b["image"] for b in batches]))
+    np.testing.assert_array_equal(y, np.concatenate([b["label"] for b in batches]))
+    assert x.dtype == np.float32 and y.dtype == np.int32
+
+
+def test_load_arrays_of_an_empty_split_says_so(data_dir):
+    with pytest.raises(ValueError, match="no examples"):
+        fd.load_arrays("digits", "test[:0]", data_dir=data_dir)
+
+
 def test_digits_match_sklearn(data_dir):
     from sklearn.datasets import load_digits
 

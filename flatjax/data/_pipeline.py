@@ -25,14 +25,13 @@ def _check_fraction(validation_fraction) -> float:
     return float(validation_fraction)
 
 
-def _source(name, split, data_dir, validation_fraction) -> grain.MapDataset:
-    """The records of ``split`` as a random-access grain ``MapDataset``.
+def _split_records(name, split, data_dir, validation_fraction):
+    """``(source, start, stop)``: the tfds data source of ``split`` and its record range.
 
     ``"train"`` is the head ``1 − f`` of tfds's train split and
     ``"validation"`` its tail ``f`` (``f = validation_fraction``); other
     strings (``"test"``, ``"train[:50%]"``) are passed to tfds unchanged.
     """
-    spec = _spec(name)
     f = _check_fraction(validation_fraction)
     if not isinstance(split, str) or not (split in ("train", "validation", "test") or "[" in split):
         raise ValueError(
@@ -43,19 +42,35 @@ def _source(name, split, data_dir, validation_fraction) -> grain.MapDataset:
         raise ValueError("split='validation' needs validation_fraction > 0 (the tail of train).")
     if "[" in split and f > 0:
         raise ValueError(f"Give either a sliced split or validation_fraction, not both: {split!r}.")
+    spec = _spec(name)
     data_dir = prepare(name, data_dir)
     tfds_split = "train" if split == "validation" else split
-    src = tfds.data_source(spec.tfds_name, split=tfds_split, data_dir=data_dir, download=False)
-    ds = grain.MapDataset.source(src)
+    try:
+        src = tfds.data_source(spec.tfds_name, split=tfds_split, data_dir=data_dir,
+                               download=False)
+    except ValueError as error:
+        if "[" not in split:
+            raise
+        raise ValueError(
+            f"The slice {split!r} of {name!r} selects no examples or cannot be read by tfds "
+            f"({error}); choose a wider slice, e.g. 'train[:50%]'."
+        ) from error
+    n = len(src)
     if split in ("train", "validation") and f > 0:
-        n = len(ds)
         num_val = int(round(f * n))
         if not 0 < num_val < n:
             raise ValueError(
                 f"validation_fraction={f} of {n} examples leaves {num_val} for validation."
             )
-        ds = ds[: n - num_val] if split == "train" else ds[n - num_val :]
-    return ds
+        return (src, 0, n - num_val) if split == "train" else (src, n - num_val, n)
+    return src, 0, n
+
+
+def _source(name, split, data_dir, validation_fraction) -> grain.MapDataset:
+    """The records of ``split`` (:func:`_split_records`) as a random-access grain ``MapDataset``."""
+    src, start, stop = _split_records(name, split, data_dir, validation_fraction)
+    ds = grain.MapDataset.source(src)
+    return ds if (start, stop) == (0, len(src)) else ds[start:stop]
 
 
 class _Preprocess(grain.transforms.Map):
@@ -71,6 +86,10 @@ class _Preprocess(grain.transforms.Map):
     def map(self, record):
         image = np.asarray(record["image"], np.float32) * self._a - self._b
         return {"image": image, "label": np.int32(record["label"])}
+
+    def map_stacked(self, images, labels):
+        """:meth:`map` of a stack of records at once (the channel axis is last)."""
+        return np.asarray(images, np.float32) * self._a - self._b, np.asarray(labels, np.int32)
 
 
 class _Augment(grain.transforms.RandomMap):
@@ -154,10 +173,15 @@ def load_arrays(
       >>> x.shape, y.dtype
       ((360, 8, 8, 1), dtype('int32'))
     """
-    spec = _spec(name)
-    ds = _source(name, split, data_dir, validation_fraction).map(_Preprocess(spec, normalize))
-    batch = _stack([ds[i] for i in range(len(ds))])
-    return batch["image"], batch["label"]
+    src, start, stop = _split_records(name, split, data_dir, validation_fraction)
+    if stop <= start:
+        raise ValueError(f"The split {split!r} of {name!r} has no examples; choose a wider one.")
+    # One batched read of the record range (the data source decodes them in
+    # bulk), then the preprocessing as one array operation.
+    records = src.__getitems__(list(range(start, stop)))
+    images = np.stack([r["image"] for r in records])
+    labels = np.array([r["label"] for r in records])
+    return _Preprocess(_spec(name), normalize).map_stacked(images, labels)
 
 
 def _iterate(
