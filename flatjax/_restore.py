@@ -68,11 +68,19 @@ def _read_config(workdir: Path, overrides: Sequence[str]):
     import ml_collections
 
     from flatjax.configs._loading import apply_overrides
+    from flatjax.training.config import base_config
 
     path = workdir / CONFIG_FILE
     if not path.is_file():
         raise _no_run(workdir, f"no {CONFIG_FILE}")
-    config = ml_collections.ConfigDict(read_run_json(path))
+    saved = read_run_json(path)
+    # Fields added to the training config after the run was written take
+    # their defaults (they did not exist, so the run used what they default to).
+    config = base_config()
+    try:
+        config.update(saved)
+    except (TypeError, ValueError, AttributeError):
+        config = ml_collections.ConfigDict(saved)
     config.lock()
     apply_overrides(config, overrides)
     return config

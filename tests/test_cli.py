@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -301,6 +302,24 @@ def test_eval_restores_the_evaluated_network(trained):
     # The centre the loop evaluated at its last step is the network restored.
     assert result["error"] == pytest.approx(final["test_error"], abs=1e-6)
     assert result["loss"] == pytest.approx(final["test_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_of_a_run_older_than_a_config_field(demo, tmp_path):
+    # A run whose config.json predates a field (here esgd.noise_generator)
+    # evaluates with the field's default, to the same result.
+    workdir, _ = demo
+    old = tmp_path / "esgd"
+    shutil.copytree(workdir / "esgd", old)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["esgd"]["noise_generator"]
+    (old / "config.json").write_text(json.dumps(saved))
+    code_new, out_new = _run(["eval", "--workdir", str(workdir / "esgd")])
+    code_old, out_old = _run(["eval", "--workdir", str(old)])
+    assert code_new == code_old == 0
+    new, older = json.loads(out_new), json.loads(out_old)
+    keys = ("error", "loss", "step")
+    assert [older[k] for k in keys] == [new[k] for k in keys]
 
 
 @pytest.mark.slow
