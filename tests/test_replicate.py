@@ -630,3 +630,43 @@ def test_helpers_find_the_state_inside_chains_and_injected_hyperparameters():
     np.testing.assert_allclose(
         flatjax.replicate_eval_params(state, params), params.mean(0), rtol=1e-6
     )
+
+
+def _count_convolutions(jaxpr) -> int:
+    """Convolution equations in ``jaxpr`` and every jaxpr nested in it."""
+    from flatjax._rsgd._replicas import _sub_jaxprs
+
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += eqn.primitive.name == "conv_general_dilated"
+        for value in eqn.params.values():
+            total += sum(_count_convolutions(sub) for sub in _sub_jaxprs(value))
+    return total
+
+
+@pytest.mark.parametrize("under_jit", [False, True])
+def test_auto_strategy_unrolls_convolutions_on_cpu_and_vmaps_the_rest(under_jit):
+    # On CPU "auto" unrolls a convolutional replica (y forward convolutions
+    # in the program, one per replica) and vmaps a dense one (its matmuls
+    # batched into one dot per layer); both give the loop's values.
+    import flax.linen as nn
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU rule")
+    conv = nn.Conv(2, (3, 3))
+    dense = nn.Dense(3)
+    x = jnp.linspace(-1, 1, 2 * 6 * 6).reshape(2, 6, 6, 1)
+    for module, mapped_convs in ((conv, Y), (dense, 0)):
+        v0 = module.init(jax.random.key(0), x)
+        params = jax.tree.map(lambda l: jnp.stack([l, 0.5 * l, -l]), v0)
+        fn = lambda v, x, m=module: jnp.sum(jnp.sin(m.apply(v, x)))
+        auto = flatjax.replica_map(fn, strategy="auto", in_axes=(0, None))
+        run = jax.jit(auto) if under_jit else auto
+        jaxpr = jax.make_jaxpr(run)(params, x).jaxpr
+        assert _count_convolutions(jaxpr) == mapped_convs
+        if module is dense:  # vmapped: one batched dot, not y dots
+            dots = [e for e in jax.make_jaxpr(auto)(params, x).jaxpr.eqns
+                    if e.primitive.name == "dot_general"]
+            assert len(dots) == 1
+        want = [fn(jax.tree.map(lambda l, a=a: l[a], params), x) for a in range(Y)]
+        np.testing.assert_allclose(run(params, x), want, rtol=1e-6)
