@@ -318,8 +318,21 @@ def rsgd_runner(problem: Problem, num_replicas: int, strategy: str, *, optimizer
     return run, jitted, (*state, batches)
 
 
-def resolved_auto() -> str:
-    return "unroll" if jax.default_backend() == "cpu" else "vmap"
+def resolved_auto(problem: Problem | None = None) -> str:
+    """What ``replica_map``'s ``"auto"`` runs for ``problem``'s gradient on this backend.
+
+    On CPU it unrolls functions that convolve and vmaps the rest (decided by
+    ``flatjax._rsgd._replicas._convolves`` on the per-replica gradient).
+    """
+    if jax.default_backend() != "cpu":
+        return "vmap"
+    if problem is None:
+        return "unroll"
+    from flatjax._rsgd._replicas import _convolves
+
+    batch = jax.tree.map(lambda x: x[0], problem.batches(1))
+    grad = jax.value_and_grad(problem.loss, has_aux=True)
+    return "unroll" if _convolves(grad, (problem.params, problem.batch_stats, batch)) else "vmap"
 
 
 def bench_model(name: str, batch_size: int, reps: int, strategies: list[str],
@@ -365,7 +378,7 @@ def bench_model(name: str, batch_size: int, reps: int, strategies: list[str],
     rows = []
     for label in programs:
         measured = aliases.get(label, label)
-        resolved = resolved_auto() if label.startswith("auto") else None
+        resolved = resolved_auto(problem) if label.startswith("auto") else None
         rows.append(ratio_row(
             f"rsgd_step_y{num_replicas}/{label}",
             name,
