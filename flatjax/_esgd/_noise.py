@@ -69,8 +69,8 @@ def irwin_hall_noise(key, size: int):
 
     an Irwin–Hall (sum of four uniforms) variable on 1,021 levels, symmetric
     about 0 (E z = E z³ = 0, E z² = 1), with E z⁴ = 3 − (6/5)(256² + 1) /
-    (4 (256² − 1)) ≈ 2.70 and |z| ≤ 3.45. Matching the normal's first three moments
-    keeps the weak order of a Langevin (Euler–Maruyama) step (module
+    (4 (256² − 1)) ≈ 2.70 and magnitude at most 3.45. Matching the
+    normal's first three moments keeps the weak order of a Langevin (Euler–Maruyama) step (module
     docstring); the sum is a handful of integer operations per element.
 
     Example:
