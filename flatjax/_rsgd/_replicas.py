@@ -51,8 +51,7 @@ def _has_convolution(jaxpr) -> bool:
 def _convolves(fn, replica_args) -> bool:
     """Whether one replica's ``fn(*replica_args)`` contains a convolution (traced, not run)."""
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-        if isinstance(x, (jax.Array, jax.core.Tracer)) or hasattr(x, "dtype") else x,
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype) if hasattr(x, "dtype") else x,
         replica_args,
     )
     try:
